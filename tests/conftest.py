@@ -1,0 +1,40 @@
+"""Shared fixtures: the real samples in ../shared (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COVID_LIGHTNING_SHARED", REPO.parent / "shared"))
+RADIOGRAPHY_SAMPLE = SHARED / "data" / "covid_radiography_sample"
+CLS_SAMPLE = SHARED / "data" / "covid_cls_sample"
+WEIGHTS = SHARED / "weights"
+KERAS_H5 = WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+KERAS_SAFETENSORS = WEIGHTS / "mobilenetv2_050_keras_imagenet.safetensors"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not present: {path} (set COVID_LIGHTNING_SHARED to the shared folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def radiography_sample() -> Path:
+    return _need(RADIOGRAPHY_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def cls_sample() -> Path:
+    return _need(CLS_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def keras_weights() -> Path:
+    _need(KERAS_H5)
+    return _need(WEIGHTS)
