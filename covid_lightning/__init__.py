@@ -1,0 +1,24 @@
+"""covid-lightning: train, evaluate and serve chest X-ray models on the COVID-19 Radiography Database."""
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from covid_lightning.data.datamodules import (  # noqa: E402
+    LungSegmentationDataModule,
+    RadiographyDataModule,
+    XRayDataModule,
+)
+from covid_lightning.data.scan import CLASSES  # noqa: E402
+from covid_lightning.modules.classifier import XRayClassifier  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLASSES",
+    "LungSegmentationDataModule",
+    "RadiographyDataModule",
+    "XRayClassifier",
+    "XRayDataModule",
+    "__version__",
+]

@@ -38,3 +38,17 @@ def cls_sample() -> Path:
 def keras_weights() -> Path:
     _need(KERAS_H5)
     return _need(WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset in the Kaggle layout (8 images + masks per class)."""
+    from covid_lightning.data.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_per_class=8, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _demo_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs that default to the demo data (root: null) generate it once per session, not in ~/.cache."""
+    monkeypatch.setenv("COVID_LIGHTNING_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "demo_default"))

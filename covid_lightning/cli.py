@@ -1,0 +1,79 @@
+"""The command line: ``lightning`` / ``covid-lightning`` / ``python -m covid_lightning``.
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (one YAML per experiment);
+extra subcommands that do not run a Trainer are dispatched before LightningCLI parses anything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import Logger  # noqa: E402
+
+from covid_lightning.data.datamodules import XRayDataModule  # noqa: E402
+from covid_lightning.modules.base import XRayModule  # noqa: E402
+
+
+class CovidLightningCLI(LightningCLI):
+    """LightningCLI over any :class:`XRayModule` and :class:`XRayDataModule` (``class_path`` in the YAML).
+
+    ``data.image_size`` is linked to ``model.image_size``: the data decides the size, the model stores
+    it in the checkpoint so inference resizes the same way.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+
+    def after_instantiate_classes(self) -> None:
+        share_logger_version(self.trainer.loggers)
+
+
+def share_logger_version(loggers: Sequence[Logger]) -> None:
+    """Give loggers writing under the same ``save_dir/name`` the first one's version.
+
+    Each logger otherwise picks "the next free version" on its own and a CSV + TensorBoard pair ends
+    up in ``version_0`` and ``version_1``; one run should be one folder.
+    """
+    if len(loggers) < 2:
+        return
+    first = loggers[0]
+    for other in loggers[1:]:
+        same_place = (other.save_dir, other.name) == (first.save_dir, first.name)
+        if same_place and getattr(other, "_version", 0) is None:
+            other._version = first.version
+
+
+#: Subcommands that are plain functions of their argv (registered by the modules that implement them).
+EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {}
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> CovidLightningCLI:
+    """Build (and by default run) the LightningCLI; ``args`` defaults to ``sys.argv[1:]``."""
+    return CovidLightningCLI(
+        XRayModule,
+        XRayDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console scripts."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[args[0]](args[1:])
+    build_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The two LightningDataModules (classification, lung segmentation) over one shared base."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from covid_lightning.data.datasets import ImageFolderDataset, XRayDataset
+from covid_lightning.data.demo import default_demo_dir, make_demo_dataset
+from covid_lightning.data.scan import (
+    CLASSES,
+    DatasetError,
+    Record,
+    class_counts,
+    find_dataset_root,
+    is_image_file,
+    scan_dataset,
+)
+from covid_lightning.data.split import SPLITS, read_manifest, stratified_split, write_manifest
+from covid_lightning.data.transforms import AUGMENTS, build_transform, eval_transform
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "split.csv"
+
+
+def default_num_workers() -> int:
+    """Workers sized from the CPUs this process may use: half of them, between 1 and 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // 2))
+
+
+class XRayDataModule(L.LightningDataModule):
+    """Shared base: finds the data, splits it (seeded, stratified), builds loaders of sample dicts.
+
+    Nothing touches the disk in ``__init__``; ``prepare_data`` writes the demo data when ``root`` is
+    None, ``setup`` scans, splits and writes the split manifest next to the run's logs.
+
+    Args:
+        root: the Kaggle dataset folder (or a folder containing ``COVID-19_Radiography_Dataset``);
+            None = the synthetic demo dataset, generated on first use.
+        image_size: square size images (and masks) are resized to.
+        batch_size: samples per batch (per device).
+        num_workers: DataLoader workers; None sizes them from the CPU count.
+        val_fraction: share of each class for validation (0.3 as the lab).
+        test_fraction: share of each class held out for testing.
+        seed: seed of the split.
+        split_file: a manifest CSV written by an earlier run: reuse that exact split.
+        augment: train-time augmentation, ``none``, ``light`` or ``strong`` (X-ray-safe).
+        predict_root: folder of images (any layout, recursive, PNG/JPEG) for ``predict``.
+        demo_size: images per class of the demo dataset (used when ``root`` is None).
+    """
+
+    with_masks = False
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        val_fraction: float = 0.3,
+        test_fraction: float = 0.0,
+        seed: int = 42,
+        split_file: str | None = None,
+        augment: str = "light",
+        predict_root: str | None = None,
+        demo_size: int = 50,
+    ) -> None:
+        super().__init__()
+        if augment not in AUGMENTS:
+            raise ValueError(f"Unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}.")
+        self.save_hyperparameters()
+        self.records: dict[str, list[Record]] = {}
+        self.datasets: dict[str, Any] = {}
+        self.manifest_path: Path | None = None
+        self.dataset_root: Path | None = None
+
+    # preparation -----------------------------------------------------------------------------
+    def _demo_root(self) -> Path:
+        return make_demo_dataset(default_demo_dir(), n_per_class=self.hparams.demo_size)
+
+    def prepare_data(self) -> None:
+        if self.hparams.root is None:
+            self._demo_root()
+
+    def _resolve_root(self) -> Path:
+        root = self.hparams.root
+        return find_dataset_root(self._demo_root() if root is None else root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.hparams.predict_root is not None:
+            self._setup_predict()
+            return
+        if self.records:
+            return
+        base = self._resolve_root()
+        self.dataset_root = base
+        if self.hparams.split_file:
+            records, splits = read_manifest(self.hparams.split_file, base)
+            if self.with_masks and any(r.mask_path is None for r in records):
+                raise DatasetError(
+                    f"{self.hparams.split_file} has rows without a mask_path; it is not a segmentation split."
+                )
+        else:
+            records = scan_dataset(base, with_masks=self.with_masks)
+            splits = stratified_split(
+                [r.label for r in records],
+                val_fraction=self.hparams.val_fraction,
+                test_fraction=self.hparams.test_fraction,
+                seed=self.hparams.seed,
+            )
+        self.records = {s: [r for r, sp in zip(records, splits) if sp == s] for s in SPLITS}
+        self._write_manifest(records, splits, base)
+        log.info(
+            "%s split of %s: %s",
+            type(self).__name__,
+            base,
+            ", ".join(f"{s}={len(v)}" for s, v in self.records.items()),
+        )
+        size, aug = self.hparams.image_size, self.hparams.augment
+        self.datasets = {
+            "train": XRayDataset(
+                self.records["train"], build_transform(size, train=True, augment=aug), self.with_masks
+            ),
+            "val": XRayDataset(self.records["val"], eval_transform(size), self.with_masks),
+            "test": XRayDataset(self.records["test"], eval_transform(size), self.with_masks),
+        }
+
+    def _write_manifest(self, records: list[Record], splits: list[str], base: Path) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        if trainer.is_global_zero and trainer.log_dir is not None:
+            self.manifest_path = write_manifest(Path(trainer.log_dir) / MANIFEST_NAME, records, splits, base)
+            log.info("Split manifest written to %s (pass it as data.split_file to reuse it).", self.manifest_path)
+
+    def _setup_predict(self) -> None:
+        root = Path(self.hparams.predict_root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"predict_root {root} is not a folder of images.")
+        paths = sorted(p for p in root.rglob("*") if is_image_file(p))
+        if not paths:
+            raise DatasetError(f"No PNG/JPEG images under {root}.")
+        self.datasets["predict"] = ImageFolderDataset(paths, eval_transform(self.hparams.image_size))
+
+    # statistics ------------------------------------------------------------------------------
+    @property
+    def class_counts(self) -> dict[str, int]:
+        """Images per class in the train split (after ``setup``)."""
+        return class_counts(self.records["train"])
+
+    @property
+    def class_weights(self) -> list[float]:
+        """Balanced loss weights of the train split: n / (n_classes_present * n_c); 0 for absent classes."""
+        counts = list(self.class_counts.values())
+        present = [c for c in counts if c > 0]
+        total = sum(counts)
+        return [total / (len(present) * c) if c > 0 else 0.0 for c in counts]
+
+    # loaders ---------------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"No {split} data: call setup() first (or set predict_root for predict).")
+        workers = default_num_workers() if self.hparams.num_workers is None else self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.records.get("test"):
+            raise DatasetError("No test split: set data.test_fraction > 0 (or use validate).")
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+
+class RadiographyDataModule(XRayDataModule):
+    """4-class classification over the COVID-19 Radiography Database (or the demo data).
+
+    Samples: ``{"image": uint8 (3, S, S), "label": int, "path": str}``. Class order: :data:`CLASSES`.
+    """
+
+    class_names = CLASSES
+
+
+class LungSegmentationDataModule(XRayDataModule):
+    """Lung segmentation: images paired with ``<Class>/masks/<same name>``; unpaired images skipped.
+
+    Samples add ``"mask"``: float (1, S, S) with values {0, 1}. Defaults follow the lab: 128 px,
+    batch 16, 70/30 split stratified by class.
+    """
+
+    with_masks = True
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 128,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        val_fraction: float = 0.3,
+        test_fraction: float = 0.0,
+        seed: int = 42,
+        split_file: str | None = None,
+        augment: str = "light",
+        predict_root: str | None = None,
+        demo_size: int = 50,
+    ) -> None:
+        super().__init__(
+            root=root,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            split_file=split_file,
+            augment=augment,
+            predict_root=predict_root,
+            demo_size=demo_size,
+        )

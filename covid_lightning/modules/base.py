@@ -1,0 +1,120 @@
+"""What both LightningModules share: injectable optimisation, per-stage metrics, checkpoint hygiene."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+
+STAGES = ("train", "val", "test")
+#: checkpoint key naming the model class that wrote it (``covid_lightning.inference.load_checkpoint``)
+MODEL_CLASS_KEY = "covid_lightning_model"
+
+#: Hyper-parameters that only matter when a model is first built (weights come from the checkpoint after).
+_BUILD_ONLY = {"pretrained": False, "pretrained_file": None, "encoder_weights": None, "encoder_weights_file": None}
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """Adam with lr 1e-3, the Keras default the lab used."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class XRayModule(L.LightningModule):
+    """Base of :class:`~covid_lightning.XRayClassifier` and :class:`~covid_lightning.LungSegmenter`.
+
+    Subclasses build ``self.net``, call :meth:`_init_metrics` and implement ``shared_step``.
+    The optimizer and LR scheduler are injected (``OptimizerCallable``/``LRSchedulerCallable``), so a
+    config picks any ``torch.optim`` class with ``class_path``/``init_args``.
+    """
+
+    #: metric that ModelCheckpoint/EarlyStopping watch by default
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer or default_optimizer
+        self.scheduler_factory = lr_scheduler
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}.")
+        self.scheduler_interval = scheduler_interval
+
+    # metrics -------------------------------------------------------------------------------
+    def _init_metrics(self, metrics: MetricCollection) -> None:
+        """One clone of ``metrics`` per stage, prefixed ``train/``, ``val/``, ``test/``."""
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def stage_metrics(self, stage: str) -> MetricCollection:
+        return getattr(self, f"{stage}_metrics")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        metrics = self.stage_metrics(stage)
+        values = metrics.compute()
+        # torchmetrics already synchronised the states across ranks: the values agree everywhere.
+        self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=False)
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    # steps ---------------------------------------------------------------------------------
+    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "test")
+
+    def _log_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=stage != "train",
+        )
+
+    # optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the model class; reloading must not fetch pretrained weights again (they are in here)."""
+        checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            for key, value in _BUILD_ONLY.items():
+                if key in hparams:
+                    hparams[key] = value

@@ -1,0 +1,183 @@
+"""XRayClassifier: the lab's transfer-learning classifier as a LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+from torchmetrics.wrappers import ClasswiseWrapper
+
+from covid_lightning.models.classifier import REGIMES, XRayNet
+from covid_lightning.modules.base import XRayModule
+
+#: Canonical class names, duplicated from ``data.scan.CLASSES`` so ``modules/`` does not import ``data/``
+#: (a test checks that both agree).
+DEFAULT_CLASS_NAMES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+
+
+def metric_key(name: str) -> str:
+    """Class name -> metric-key-safe name (``Viral Pneumonia`` -> ``Viral_Pneumonia``)."""
+    return name.replace(" ", "_")
+
+
+class XRayClassifier(XRayModule):
+    """ImageNet-pretrained timm backbone + the lab's dense head, with the lab's freezing regimes.
+
+    Args:
+        backbone: timm model name (default ``mobilenetv2_050``, Keras MobileNetV2 alpha=0.5).
+        num_classes: number of classes; ``class_names`` must have this length.
+        class_names: class names in label order (stored in the checkpoint).
+        pretrained: ImageNet weights through timm (HF hub + cache); fails fast offline.
+        pretrained_file: local backbone weights (``.safetensors``, ``.pth`` or the Keras ``.h5``).
+        flavor: ``keras`` = Keras-equivalent backbone (same padding, BN eps 1e-3) for Keras weights;
+            ``auto`` picks ``keras`` for an ``.h5`` file, ``timm`` otherwise.
+        normalization: ``auto`` follows the weights; ``unit`` is the lab's /255 on purpose.
+        image_size: square input size (linked from ``data.image_size`` by the CLI; stored for inference).
+        hidden_sizes: widths of the head's hidden Dense layers.
+        dropout: dropout after each hidden Dense layer.
+        trainable: ``head``, ``last_conv``, ``last_2_conv`` (the lab's regimes) or ``all``. Frozen
+            layers keep BatchNorm in inference mode for the whole run.
+        class_weights: per-class loss weights, or ``balanced`` to take them from the datamodule's
+            train split at fit time.
+        label_smoothing: cross-entropy label smoothing.
+        optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
+        lr_scheduler: optional LR scheduler factory; ``scheduler_interval`` is ``epoch`` or ``step``.
+    """
+
+    monitor = "val/acc"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        backbone: str = "mobilenetv2_050",
+        num_classes: int = 4,
+        class_names: Sequence[str] | None = None,
+        pretrained: bool = True,
+        pretrained_file: str | None = None,
+        flavor: Literal["auto", "timm", "keras"] = "auto",
+        normalization: Literal["auto", "unit", "imagenet", "keras"] = "auto",
+        image_size: int = 224,
+        hidden_sizes: Sequence[int] = (1024, 512),
+        dropout: float = 0.0,
+        trainable: str = "head",
+        class_weights: Sequence[float] | Literal["balanced"] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, scheduler_interval)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if trainable not in REGIMES:
+            raise ValueError(f"Unknown trainable regime {trainable!r}; choose one of {', '.join(REGIMES)}.")
+        class_names = list(class_names) if class_names is not None else list(DEFAULT_CLASS_NAMES[:num_classes])
+        if len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
+        self.class_names = class_names
+        self.net = XRayNet(
+            backbone=backbone,
+            num_classes=num_classes,
+            hidden_sizes=hidden_sizes,
+            dropout=dropout,
+            pretrained=pretrained,
+            pretrained_file=pretrained_file,
+            flavor=flavor,
+            normalization=normalization,
+            trainable=trainable,
+        )
+        # Store what "auto" resolved to, so the checkpoint rebuilds exactly this network and preprocessing.
+        self.hparams.update(flavor=self.net.flavor, normalization=self.net.normalization, class_names=class_names)
+        self.register_buffer("class_weight", self._initial_class_weight(class_weights, num_classes), persistent=False)
+        self.label_smoothing = label_smoothing
+
+        keys = [metric_key(n) for n in class_names]
+        self._init_metrics(
+            MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+                    "precision": ClasswiseWrapper(
+                        MulticlassPrecision(num_classes, average=None), labels=keys, prefix="precision_"
+                    ),
+                    "recall": ClasswiseWrapper(
+                        MulticlassRecall(num_classes, average=None), labels=keys, prefix="recall_"
+                    ),
+                    "f1": ClasswiseWrapper(MulticlassF1Score(num_classes, average=None), labels=keys, prefix="f1_"),
+                },
+                compute_groups=False,  # shared-state groups make torchmetrics warn "compute before update"
+            )
+        )
+        self.val_confmat = MulticlassConfusionMatrix(num_classes)
+        self.test_confmat = MulticlassConfusionMatrix(num_classes)
+        #: the last computed confusion matrix per stage (rows: true class, columns: predicted class)
+        self.confusion_matrices: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _initial_class_weight(class_weights: Any, num_classes: int) -> torch.Tensor | None:
+        if class_weights is None or class_weights == "balanced":
+            return None
+        weight = torch.as_tensor(list(class_weights), dtype=torch.float32)
+        if weight.numel() != num_classes:
+            raise ValueError(f"class_weights has {weight.numel()} values, expected {num_classes}.")
+        return weight
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """The preprocessing contract stored in the checkpoint: what inference must feed the model."""
+        return {"image_size": self.hparams.image_size, "mean": self.net.mean, "std": self.net.std}
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.class_weights == "balanced" and stage == "fit" and self.class_weight is None:
+            dm = self.trainer.datamodule
+            if dm is None or not hasattr(dm, "class_weights"):
+                raise ValueError("class_weights='balanced' needs a datamodule exposing class_weights.")
+            self.class_weight = torch.as_tensor(dm.class_weights, dtype=torch.float32, device=self.device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) for uint8 (0..255) or float ([0, 1]) images (N, 3, H, W)."""
+        return self.net(images)
+
+    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        logits = self(images).float()
+        weight = self.class_weight if stage == "train" else None
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+        probs = logits.softmax(dim=-1)
+        self.stage_metrics(stage).update(probs, labels)
+        if stage != "train":
+            getattr(self, f"{stage}_confmat").update(probs, labels)
+        self._log_loss(stage, loss, batch_size=labels.shape[0])
+        return loss
+
+    def _store_confusion_matrix(self, stage: str) -> None:
+        confmat = getattr(self, f"{stage}_confmat")
+        self.confusion_matrices[stage] = confmat.compute().cpu()
+        confmat.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._store_confusion_matrix("val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._store_confusion_matrix("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        probs = self(batch["image"]).float().softmax(dim=-1)
+        return {"path": batch["path"], "probs": probs.cpu()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["preprocess"] = self.preprocess
