@@ -11,12 +11,14 @@ from covid_lightning.data.datamodules import (  # noqa: E402
 )
 from covid_lightning.data.scan import CLASSES  # noqa: E402
 from covid_lightning.modules.classifier import XRayClassifier  # noqa: E402
+from covid_lightning.modules.segmenter import LungSegmenter  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CLASSES",
     "LungSegmentationDataModule",
+    "LungSegmenter",
     "RadiographyDataModule",
     "XRayClassifier",
     "XRayDataModule",

@@ -6,17 +6,23 @@ extra subcommands that do not run a Trainer are dispatched before LightningCLI p
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import torch  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
 from covid_lightning.data.datamodules import XRayDataModule  # noqa: E402
 from covid_lightning.modules.base import XRayModule  # noqa: E402
+
+
+log = logging.getLogger(__name__)
 
 
 class CovidLightningCLI(LightningCLI):
@@ -29,8 +35,24 @@ class CovidLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config.trainer.precision = device_precision(config.trainer.precision, config.trainer.accelerator)
+
     def after_instantiate_classes(self) -> None:
         share_logger_version(self.trainer.loggers)
+
+
+def device_precision(precision: Any, accelerator: Any) -> Any:
+    """``16-mixed`` (float16 AMP, for GPUs) becomes ``bf16-mixed`` where training runs on the CPU.
+
+    One config then serves both: float16 autocast is a GPU feature, bfloat16 autocast is the CPU's.
+    """
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    if on_cpu and str(precision) in ("16-mixed", "16"):
+        log.warning("precision %s needs a GPU; training on the CPU with bf16-mixed instead.", precision)
+        return "bf16-mixed"
+    return precision
 
 
 def share_logger_version(loggers: Sequence[Logger]) -> None:

@@ -9,6 +9,9 @@ normalisation inside the model), with the very function validation uses
 
     model = XRayClassifier.load_from_checkpoint("runs/.../best.ckpt")
     classify(model, "COVID-1.png")  # {"COVID": 0.91, "Lung_Opacity": 0.03, ...}
+
+    segmenter = LungSegmenter.load_from_checkpoint("runs/.../best.ckpt")
+    mask = segment(segmenter, "COVID-1.png")  # bool (299, 299): the lungs at the image's own size
 """
 
 from __future__ import annotations
@@ -71,6 +74,22 @@ def classify(model: torch.nn.Module, image: ImageLike | Sequence[ImageLike]) -> 
     probs = model(batch).float().softmax(dim=-1).cpu()
     out = [dict(zip(model.class_names, p.tolist())) for p in probs]
     return out[0] if single else out
+
+
+@torch.inference_mode()
+def segment(
+    model: torch.nn.Module, image: ImageLike, return_probs: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Binary lung mask (H, W) of bools at the input's original size; with ``return_probs`` also the
+    float32 probability map at that size."""
+    rgb = to_rgb_uint8(image)
+    model.eval()
+    batch = preprocess([rgb], model.hparams.image_size).to(model.device)
+    probs = model(batch).float().sigmoid()
+    probs = torch.nn.functional.interpolate(probs, size=rgb.shape[:2], mode="bilinear", align_corners=False)
+    probs_np = probs[0, 0].cpu().numpy()
+    mask = probs_np > getattr(model, "threshold", 0.5)
+    return (mask, probs_np) if return_probs else mask
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> torch.nn.Module:

@@ -1,5 +1,6 @@
-"""Callbacks: staged unfreezing (and, later, visual checks, prediction writers, reports)."""
+"""Callbacks: staged unfreezing, segmentation overlay grids."""
 
 from covid_lightning.callbacks.finetuning import StagedUnfreeze
+from covid_lightning.callbacks.overlays import SegmentationOverlays
 
-__all__ = ["StagedUnfreeze"]
+__all__ = ["SegmentationOverlays", "StagedUnfreeze"]

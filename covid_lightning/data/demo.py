@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,10 +95,10 @@ def _lung(rng: np.random.Generator, side: int, n: int = 96) -> Points:
     ``side`` is -1 for the lung on the image's left (patient's right), +1 for the image's right.
     """
     # The patient's left lung (image right) is a little narrower and shorter (heart side).
-    cx = 0.5 + side * (0.165 + rng.uniform(-0.012, 0.012))
-    cy = (0.48 if side < 0 else 0.475) + rng.uniform(-0.015, 0.015)
-    a = (0.135 if side < 0 else 0.125) * rng.uniform(0.92, 1.08)
-    b = (0.255 if side < 0 else 0.245) * rng.uniform(0.92, 1.08)
+    cx = 0.5 + side * (0.18 + rng.uniform(-0.012, 0.012))
+    cy = (0.49 if side < 0 else 0.485) + rng.uniform(-0.015, 0.015)
+    a = (0.155 if side < 0 else 0.145) * rng.uniform(0.92, 1.08)
+    b = (0.285 if side < 0 else 0.275) * rng.uniform(0.92, 1.08)
     t = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
     u, v = np.cos(t), np.sin(t)  # v < 0: upper half
     # Round top (exponent 2), squarer bottom (exponent ~4).
@@ -157,7 +157,16 @@ def _lung_mask(geom: dict[str, object], size: int) -> np.ndarray:
     left = _fill(size, [geom["lungs"][0]])
     right = _fill(size, [geom["lungs"][1]])
     _fill(size, [geom["heart"]], 0.0, canvas=right)
-    return np.maximum(left, right)
+    return np.maximum(left, _largest_component(right))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep only the largest blob of a 0/1 mask (drops slivers the heart cuts off the lung base)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask
+    keep = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (labels == keep).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,8 +184,14 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
     return n / (n.std() + 1e-6)
 
 
-def _add_gauss(out: np.ndarray, amp: float, x0: float, y0: float, sx: float, sy: float, ang: float) -> None:
-    """Add an elliptical gaussian blob (normalised centre / sigmas) to ``out``, in a 4-sigma window."""
+def _add_gauss(
+    out: np.ndarray, amp: float, x0: float, y0: float, sx: float, sy: float, ang: float, power: float = 1.0
+) -> None:
+    """Add an elliptical blob ``amp * exp(-(r^2)^power / 2)`` (normalised centre / sigmas) to ``out``.
+
+    ``power`` 1 is a gaussian; larger values give a flatter top and a sharper edge (dense opacity).
+    Computed in a 4-sigma window only.
+    """
     size = out.shape[0]
     reach = 4.0 * max(sx, sy)
     c0, c1 = max(0, int((x0 - reach) * size)), min(size, int((x0 + reach) * size) + 1)
@@ -188,7 +203,7 @@ def _add_gauss(out: np.ndarray, amp: float, x0: float, y0: float, sx: float, sy:
     dx, dy = xs[None, :], ys[:, None]
     c, s = np.cos(ang), np.sin(ang)
     u, v = (c * dx + s * dy) / sx, (-s * dx + c * dy) / sy
-    out[r0:r1, c0:c1] += amp * np.exp(-0.5 * (u * u + v * v))
+    out[r0:r1, c0:c1] += amp * np.exp(-0.5 * (u * u + v * v) ** power)
 
 
 def _lung_point(
@@ -248,12 +263,12 @@ def _pathology(
     if name == "COVID":
         # Several bilateral, peripheral / lower-zone, patchy (ground-glass-like) opacities.
         patch = 0.55 + 0.45 * np.clip(_smooth_noise(rng, size, size / 60.0), -1.5, 1.5) / 1.5
-        n_blobs = int(rng.integers(5, 10))
+        n_blobs = int(rng.integers(6, 11))
         sides = np.concatenate([[0, 1], rng.integers(0, 2, size=n_blobs - 2)])
         for side in sides:
             x0, y0 = _lung_point(rng, lungs[side], lateral_bias=0.9, lower_bias=0.8)
-            sx, sy = s * rng.uniform(0.025, 0.05), s * rng.uniform(0.025, 0.05)
-            _add_gauss(out, rng.uniform(0.16, 0.3), x0, y0, sx, sy, rng.uniform(0, np.pi))
+            sx, sy = s * rng.uniform(0.03, 0.055), s * rng.uniform(0.03, 0.055)
+            _add_gauss(out, rng.uniform(0.2, 0.34), x0, y0, sx, sy, rng.uniform(0, np.pi))
         out *= patch
     elif name == "Lung_Opacity":
         # One or two large dense consolidations, mostly in a single lung.
@@ -262,17 +277,17 @@ def _pathology(
         for i in range(n_blobs):
             this = side if (i == 0 or rng.random() < 0.75) else 1 - side
             x0, y0 = _lung_point(rng, lungs[this], lateral_bias=0.4, lower_bias=0.5)
-            sx, sy = s * rng.uniform(0.05, 0.085), s * rng.uniform(0.06, 0.11)
-            _add_gauss(out, rng.uniform(0.3, 0.45), x0, y0, sx, sy, rng.uniform(0, np.pi))
+            sx, sy = s * rng.uniform(0.055, 0.09), s * rng.uniform(0.065, 0.115)
+            _add_gauss(out, rng.uniform(0.4, 0.55), x0, y0, sx, sy, rng.uniform(0, np.pi), power=1.8)
         out *= 0.85 + 0.15 * np.clip(_smooth_noise(rng, size, size / 40.0), -1.0, 1.0)
     elif name == "Viral Pneumonia":
         # Diffuse bilateral haze (denser towards the hila and bases) + fine reticular network.
-        haze = rng.uniform(0.1, 0.17) * (0.75 + 0.35 * np.clip(yy - 0.3, 0.0, 0.7))
-        band = _blur(rng.standard_normal((size, size)).astype(np.float32), size / 300.0)
-        band -= _blur(band, size / 100.0)
+        haze = rng.uniform(0.12, 0.19) * (0.75 + 0.35 * np.clip(yy - 0.3, 0.0, 0.7))
+        band = _blur(rng.standard_normal((size, size)).astype(np.float32), size / 200.0)
+        band -= _blur(band, size / 60.0)
         band /= band.std() + 1e-6
-        net = np.exp(-((band / 0.35) ** 2))  # zero crossings of band-passed noise: a net of thin lines
-        out += haze + rng.uniform(0.07, 0.11) * net
+        net = np.exp(-((band / 0.4) ** 2))  # zero crossings of band-passed noise: a net of thin lines
+        out += haze + rng.uniform(0.09, 0.13) * net
     return out
 
 
@@ -407,6 +422,17 @@ def _write_dataset(dataset: Path, n_per_class: int, seed: int, rgb_fraction: flo
     (dataset / MARKER_NAME).write_text(marker, encoding="utf-8")
 
 
+def _fresh_dir(root: Path, prefix: str) -> Path:
+    """A new uniquely named hidden folder in ``root`` (plain mkdir, so the umask applies, unlike mkdtemp)."""
+    while True:
+        path = root / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def _remove_stale(root: Path) -> None:
     """Delete leftovers of interrupted generations (no write for an hour) in ``root``."""
     now = time.time()
@@ -467,14 +493,14 @@ def make_demo_dataset(
 
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
-    tmp = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=root))
+    tmp = _fresh_dir(root, _PARTIAL_PREFIX)
     old: Path | None = None
     try:
         _write_dataset(tmp, int(n_per_class), int(seed), float(rgb_fraction))
         if dataset.exists():
             if not overwrite and _is_complete(dataset, params):  # a concurrent run finished first
                 return dataset
-            old = Path(tempfile.mkdtemp(prefix=_OLD_PREFIX, dir=root))
+            old = _fresh_dir(root, _OLD_PREFIX)
             os.replace(dataset, old / DATASET_DIRNAME)
         try:
             os.rename(tmp, dataset)

@@ -90,6 +90,8 @@ def build_transform(image_size: int, *, train: bool = False, augment: str = "non
     """The pipeline for images (and masks, passed as ``mask=``): resize, augment if training, to tensor.
 
     Geometric transforms move image and mask together; intensity transforms touch the image only.
+    Image and mask may differ in size on input (the Kaggle masks are 256x256, the images 299x299):
+    the first step resizes each to ``image_size`` on its own, so they line up from then on.
     """
     steps: list[A.BasicTransform] = [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
@@ -97,7 +99,7 @@ def build_transform(image_size: int, *, train: bool = False, augment: str = "non
     if train:
         steps += _augmentations(augment)
     steps.append(ToTensorV2())
-    return A.Compose(steps)
+    return A.Compose(steps, is_check_shapes=False)
 
 
 def eval_transform(image_size: int) -> A.Compose:

@@ -188,8 +188,9 @@ def fetch_keras_weights(backbone: str, timeout: float = 5.0) -> Path:
     )
     ok, target = host_reachable(url, timeout)
     if not ok:
-        raise PretrainedWeightsError(f"Keras ImageNet weights for {backbone} are not cached and {target} is "
-                                     f"unreachable.\n{how}")
+        raise PretrainedWeightsError(
+            f"Keras ImageNet weights for {backbone} are not cached and {target} is unreachable.\n{how}"
+        )
     cached.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(cached), progress=False)

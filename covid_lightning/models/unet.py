@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import socket
-import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -30,7 +28,14 @@ import timm
 import torch
 from torch import nn
 
-from .weights import PretrainedWeightsError, load_state_dict_file
+from .weights import (
+    PretrainedWeightsError,
+    find_in_hf_cache,
+    hf_endpoint,
+    hf_offline,
+    host_reachable,
+    load_state_dict_file,
+)
 
 __all__ = [
     "SEGMENTATION_ARCHS",
@@ -161,9 +166,7 @@ def _resolve_arch(arch: str) -> str:
         return by_norm[_norm(arch)]
     close = difflib.get_close_matches(str(arch), SEGMENTATION_ARCHS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(
-        f"Unknown segmentation architecture {arch!r}.{hint} Valid names: {', '.join(SEGMENTATION_ARCHS)}."
-    )
+    raise ValueError(f"Unknown segmentation architecture {arch!r}.{hint} Valid names: {', '.join(SEGMENTATION_ARCHS)}.")
 
 
 def _timm_name(encoder: str) -> str | None:
@@ -247,9 +250,7 @@ def build_segmentation_model(
     name = _resolve_arch(arch)
     if name == "seed_unet":
         if encoder_weights is not None or encoder_weights_file is not None:
-            raise ValueError(
-                "seed_unet has no encoder: encoder_weights and encoder_weights_file must be None for it."
-            )
+            raise ValueError("seed_unet has no encoder: encoder_weights and encoder_weights_file must be None for it.")
         return SeedUNet(in_channels=in_channels, classes=classes, **kwargs)
 
     if encoder_weights is not None and encoder_weights_file is not None:
@@ -372,29 +373,8 @@ class _WeightsSource:
     huggingface: bool  # governed by HF_HUB_OFFLINE
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "on", "yes", "true"}
-
-
-def _hf_offline() -> bool:
-    """HF offline mode, from the environment now or as huggingface_hub read it at import."""
-    from huggingface_hub import constants
-
-    env = _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hf_endpoint() -> str:
-    """The hub URL: HF_ENDPOINT as set now, else what huggingface_hub read at import."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
 def _hf_cached(repo_id: str, filename: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+    return find_in_hf_cache(repo_id, (filename,), revision) is not None
 
 
 def _weights_source(encoder: str, weights: str) -> tuple[_WeightsSource, str | bool]:
@@ -404,13 +384,12 @@ def _weights_source(encoder: str, weights: str) -> tuple[_WeightsSource, str | b
         settings = smp.encoders.encoders[encoder]["pretrained_settings"]
         if weights not in settings:
             raise ValueError(
-                f"No pretrained weights {weights!r} for encoder {encoder!r}; "
-                f"available: {', '.join(settings)}."
+                f"No pretrained weights {weights!r} for encoder {encoder!r}; available: {', '.join(settings)}."
             )
         repo_id, revision = settings[weights]["repo_id"], settings[weights]["revision"]
         # smp downloads config.json and model.safetensors with hf_hub_download at a pinned commit.
         cached = all(_hf_cached(repo_id, f, revision) for f in ("config.json", "model.safetensors"))
-        return _WeightsSource(f"Hugging Face hub repo {repo_id}", _hf_endpoint(), cached, True), weights
+        return _WeightsSource(f"Hugging Face hub repo {repo_id}", hf_endpoint(), cached, True), weights
 
     if weights not in ("imagenet", "timm"):
         raise ValueError(
@@ -428,7 +407,7 @@ def _weights_source(encoder: str, weights: str) -> tuple[_WeightsSource, str | b
         repo_id, _, revision = cfg.hf_hub_id.partition("@")
         files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         cached = any(_hf_cached(repo_id, f, revision or None) for f in files)
-        return _WeightsSource(f"Hugging Face hub repo {repo_id}", _hf_endpoint(), cached, True), True
+        return _WeightsSource(f"Hugging Face hub repo {repo_id}", hf_endpoint(), cached, True), True
     if cfg.url:
         filename = os.path.basename(urllib.parse.urlsplit(cfg.url).path)
         cached = (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
@@ -437,32 +416,9 @@ def _weights_source(encoder: str, weights: str) -> tuple[_WeightsSource, str | b
 
 
 def _probe(url: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
-    """Try a TCP connection to the host of ``url`` (or its proxy); None if it answers, else why not."""
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
-    if not host:
-        return f"cannot tell the host of {url!r}"
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if proxy and not urllib.request.proxy_bypass(host):
-        pparts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        if pparts.hostname:
-            host, port = pparts.hostname, pparts.port or 8080
-    outcome: list[str | None] = []
-
-    def attempt() -> None:  # in a thread: getaddrinfo ignores socket timeouts
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                outcome.append(None)
-        except OSError as err:
-            outcome.append(f"{type(err).__name__}: {err}")
-
-    thread = threading.Thread(target=attempt, name="weights-host-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    if not outcome:
-        return f"no answer from {host}:{port} within {timeout:g} s"
-    return None if outcome[0] is None else f"cannot connect to {host}:{port} ({outcome[0]})"
+    """None if the host of ``url`` (or its proxy) accepts a TCP connection within ``timeout``, else why not."""
+    ok, target = host_reachable(url, timeout)
+    return None if ok else f"cannot connect to {target}"
 
 
 def _weights_help(encoder: str, weights: str, reason: str, source: _WeightsSource) -> str:
@@ -484,7 +440,7 @@ def _weights_help(encoder: str, weights: str, reason: str, source: _WeightsSourc
 def _build_with_hub_weights(create: _Factory, encoder: str, weights: str) -> nn.Module:
     source, smp_weights = _weights_source(encoder, weights)
     if not source.cached:
-        if source.huggingface and _hf_offline():
+        if source.huggingface and hf_offline():
             reason = "Hugging Face hub offline mode is on (HF_HUB_OFFLINE)"
         else:
             reason = _probe(source.url)

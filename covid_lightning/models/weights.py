@@ -359,8 +359,7 @@ def _check_model_name(name: str) -> None:
         tagged = list(get_arch_pretrained_cfgs(arch))
         if name not in tagged:
             raise ValueError(
-                f"Unknown pretrained tag '{tag}' for timm model '{arch}'. "
-                f"Known: {', '.join(tagged) or 'none'}."
+                f"Unknown pretrained tag '{tag}' for timm model '{arch}'. Known: {', '.join(tagged) or 'none'}."
             )
 
 
@@ -374,9 +373,7 @@ def _how_to_supply(name: str, tagged: str, hf_hub_id: str | None, hf_filename: s
         f"pretrained=True, num_classes=0); st.save_file(m.state_dict(), '{out}')\"",
     ]
     if hf_hub_id:
-        lines.append(
-            f"    or download https://huggingface.co/{hf_hub_id}/resolve/main/{hf_filename} as {out};"
-        )
+        lines.append(f"    or download https://huggingface.co/{hf_hub_id}/resolve/main/{hf_filename} as {out};")
     lines += [
         f"  * then pass `--model.pretrained_file {out}` (or `pretrained_file: {out}` in the YAML config);",
         "  * or copy a populated Hugging Face cache (its `hub/models--"
@@ -413,9 +410,7 @@ def _create_pretrained_from_hub(name: str, hub_timeout: float, kwargs: dict[str,
         cached = candidate if candidate.is_file() else None
     if cached is None and cfg.file:
         if not Path(cfg.file).is_file():
-            raise PretrainedWeightsError(
-                f"{what}: the pretrained cfg's file {cfg.file} does not exist.\n{how}"
-            )
+            raise PretrainedWeightsError(f"{what}: the pretrained cfg's file {cfg.file} does not exist.\n{how}")
         cached = Path(cfg.file)
     if cached is not None:
         try:
@@ -442,13 +437,9 @@ def _create_pretrained_from_hub(name: str, hub_timeout: float, kwargs: dict[str,
         )
     try:
         create_kwargs = dict(kwargs, cache_dir=cache_dir) if hf_hub_id else kwargs
-        return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay=overlay or None, **create_kwargs
-        )
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **create_kwargs)
     except Exception as err:
-        raise PretrainedWeightsError(
-            f"{what} could not be downloaded: {type(err).__name__}: {err}\n{how}"
-        ) from err
+        raise PretrainedWeightsError(f"{what} could not be downloaded: {type(err).__name__}: {err}\n{how}") from err
 
 
 def create_timm_model(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -137,6 +138,41 @@ def test_accepts_dataset_folder_and_refuses_foreign_data(tmp_path: Path) -> None
     assert (real / "COVID-1.png").read_bytes() == b"not ours"
 
 
+def test_interrupted_generation_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import covid_lightning.data.demo as demo
+
+    real = demo.synthesize_xray
+    calls = {"n": 0}
+
+    def crash_after_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "synthesize_xray", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        make_demo_dataset(tmp_path, n_per_class=3)
+    assert list(tmp_path.iterdir()) == []  # no dataset folder, no partial copy
+    monkeypatch.setattr(demo, "synthesize_xray", real)
+    assert is_demo_dataset(make_demo_dataset(tmp_path, n_per_class=3))
+
+
+def test_stale_partial_copies_are_cleaned(tmp_path: Path) -> None:
+    stale = tmp_path / f".{DATASET_DIRNAME}.partial-1-dead"
+    (stale / "COVID" / "images").mkdir(parents=True)
+    fresh = tmp_path / f".{DATASET_DIRNAME}.partial-2-live"
+    fresh.mkdir()
+    old = 1_000_000_000
+    for p in (stale / "COVID" / "images", stale):
+        os.utime(p, (old, old))
+    make_demo_dataset(tmp_path, n_per_class=1)
+    assert not stale.exists()
+    assert fresh.exists()  # may belong to a generation still running
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         make_demo_dataset(tmp_path, n_per_class=0)
@@ -171,6 +207,16 @@ def test_masks_are_plausible_lungs_aligned_with_dark_fields(small_demo: Path) ->
             ring = cv2.dilate(lung.astype(np.uint8), np.ones((25, 25), np.uint8)) > 0
             inside, around = small[lung].mean(), small[ring & ~lung].mean()
             assert inside < around - 10, (name, i, inside, around)
+
+
+def test_mask_geometry_matches_the_image_at_any_size() -> None:
+    """The 256 mask, resized to 299, overlaps the lungs drawn at 299 (same rng -> same anatomy)."""
+    for label in range(len(DEMO_CLASSES)):
+        _, mask = synthesize_xray(label, np.random.default_rng((9, label)))
+        _, mask_299 = synthesize_xray(label, np.random.default_rng((9, label)), mask_size=299)
+        resized = cv2.resize(mask, (299, 299), interpolation=cv2.INTER_NEAREST) > 0
+        iou = (resized & (mask_299 > 0)).sum() / (resized | (mask_299 > 0)).sum()
+        assert iou > 0.95
 
 
 def test_synthesize_xray_shapes_and_label_check() -> None:

@@ -280,9 +280,7 @@ def test_encoder_weights_file_keeps_timm_model_prefix(tmp_path: Path) -> None:
     _assert_same_tensors(model.encoder.state_dict(), want)
 
 
-def test_encoder_weights_file_adapts_first_conv_to_one_channel(
-    resnet18_source: nn.Module, tmp_path: Path
-) -> None:
+def test_encoder_weights_file_adapts_first_conv_to_one_channel(resnet18_source: nn.Module, tmp_path: Path) -> None:
     want = resnet18_source.encoder.state_dict()
     path = tmp_path / "resnet18_encoder.pth"
     torch.save(want, path)

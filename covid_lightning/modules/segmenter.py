@@ -1,0 +1,150 @@
+"""LungSegmenter: lung masks with the lab's U-Net or an smp architecture, AMP-safe."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryF1Score,
+    BinaryJaccardIndex,
+    BinaryPrecision,
+    BinaryRecall,
+)
+from torchmetrics.segmentation import DiceScore
+
+from covid_lightning.models.segmentation import SegmentationNet
+from covid_lightning.modules.base import XRayModule
+
+LOSSES = ("bce", "bce_dice")
+
+
+def _per_image_dice() -> DiceScore:
+    """Mean over images of each image's lung Dice."""
+    with warnings.catch_warnings():  # torchmetrics warns about a default we set explicitly
+        warnings.filterwarnings("ignore", message=".*DiceScore metric currently defaults.*")
+        return DiceScore(num_classes=1, average="micro", aggregation_level="samplewise")
+
+
+class LungSegmenter(XRayModule):
+    """Binary lung segmentation.
+
+    The network returns logits; the sigmoid lives in the loss (``BCEWithLogits``, smp's ``DiceLoss``
+    with ``from_logits``) and in the metrics, all computed in float32, so ``16-mixed``/``bf16-mixed``
+    autocast never runs a sigmoid + BCE in half precision.
+
+    Metrics (torchmetrics, pooled over every pixel of the epoch, as the lab reported them): ``iou``
+    (Jaccard), ``dice`` (= F1), ``precision``, ``recall``, ``accuracy``; plus ``dice_per_image``, the
+    mean of per-image Dice.
+
+    Args:
+        arch: ``seed_unet`` (the lab's network) or an smp architecture name.
+        encoder: smp encoder for smp architectures.
+        encoder_weights: smp pretrained encoder weights (``imagenet``); None = from scratch.
+        encoder_weights_file: local encoder state dict (offline machines).
+        normalization: input normalisation (``auto``: imagenet for a pretrained encoder, else x/255).
+        image_size: square input size (linked from ``data.image_size``; stored for inference).
+        loss: ``bce`` (the lab's) or ``bce_dice`` (BCE + smp DiceLoss).
+        threshold: probability above which a pixel is lung.
+        model_kwargs: extra architecture arguments (e.g. ``{batch_norm: true}`` for ``seed_unet``).
+        optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
+        lr_scheduler: optional LR scheduler factory.
+    """
+
+    monitor = "val/dice"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        arch: str = "seed_unet",
+        encoder: str = "resnet34",
+        encoder_weights: str | None = None,
+        encoder_weights_file: str | None = None,
+        normalization: Literal["auto", "unit", "imagenet", "keras"] = "auto",
+        image_size: int = 128,
+        loss: Literal["bce", "bce_dice"] = "bce",
+        threshold: float = 0.5,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, scheduler_interval)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+        self.net = SegmentationNet(
+            arch=arch,
+            encoder=encoder,
+            encoder_weights=encoder_weights,
+            encoder_weights_file=encoder_weights_file,
+            normalization=normalization,
+            model_kwargs=model_kwargs,
+        )
+        self.hparams.update(normalization=self.net.normalization)
+        self.dice_loss = smp.losses.DiceLoss(mode="binary", from_logits=True) if loss == "bce_dice" else None
+        self.threshold = threshold
+        self._init_metrics(
+            MetricCollection(
+                {
+                    "iou": BinaryJaccardIndex(threshold=threshold),
+                    "dice": BinaryF1Score(threshold=threshold),
+                    "precision": BinaryPrecision(threshold=threshold),
+                    "recall": BinaryRecall(threshold=threshold),
+                    "accuracy": BinaryAccuracy(threshold=threshold),
+                    "dice_per_image": _per_image_dice(),
+                },
+                compute_groups=False,
+            )
+        )
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """The preprocessing contract stored in the checkpoint."""
+        return {"image_size": self.hparams.image_size, "mean": self.net.mean, "std": self.net.std}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Lung logits (N, 1, H, W) for uint8 (0..255) or float ([0, 1]) images (N, 3, H, W)."""
+        return self.net(images)
+
+    def compute_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The training loss, always in float32 (safe under autocast)."""
+        logits, masks = logits.float(), masks.float()
+        loss = F.binary_cross_entropy_with_logits(logits, masks)
+        if self.dice_loss is not None:
+            loss = loss + self.dice_loss(logits, masks)
+        return loss
+
+    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        images, masks = batch["image"], batch["mask"]
+        logits = self(images).float()
+        loss = self.compute_loss(logits, masks)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite {stage} loss ({loss.item()}) at epoch {self.current_epoch}, global step "
+                f"{self.global_step}: lower the learning rate or use precision 32-true / bf16-mixed."
+            )
+        probs = logits.sigmoid()
+        target = masks.to(torch.int64)
+        metrics = self.stage_metrics(stage)
+        for name, metric in metrics.items(keep_base=True):
+            if name.endswith("dice_per_image"):
+                metric.update((probs > self.threshold).long(), target)
+            else:
+                metric.update(probs, target)
+        self._log_loss(stage, loss, batch_size=images.shape[0])
+        return loss
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        probs = self(batch["image"]).float().sigmoid()
+        return {"path": batch["path"], "probs": probs.cpu(), "size": batch.get("size")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["preprocess"] = self.preprocess
