@@ -21,7 +21,6 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 from covid_lightning.data.datamodules import XRayDataModule  # noqa: E402
 from covid_lightning.modules.base import XRayModule  # noqa: E402
 
-
 log = logging.getLogger(__name__)
 
 

@@ -20,22 +20,16 @@ except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
         help=f"folder to write COVID-19_Radiography_Dataset/ into (default: {default_demo_dir()})",
     )
-    parser.add_argument(
-        "--n-per-class", type=int, default=50, help="images (and masks) per class (default: 50)"
-    )
+    parser.add_argument("--n-per-class", type=int, default=50, help="images (and masks) per class (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
-    parser.add_argument(
-        "--rgb-fraction", type=float, default=0.15, help="share of images saved as RGB (default: 0.15)"
-    )
+    parser.add_argument("--rgb-fraction", type=float, default=0.15, help="share of images saved as RGB (default: 0.15)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if a matching demo exists")
     args = parser.parse_args(argv)
 

@@ -206,9 +206,7 @@ def _add_gauss(
     out[r0:r1, c0:c1] += amp * np.exp(-0.5 * (u * u + v * v) ** power)
 
 
-def _lung_point(
-    rng: np.random.Generator, lung: Points, lateral_bias: float, lower_bias: float
-) -> tuple[float, float]:
+def _lung_point(rng: np.random.Generator, lung: Points, lateral_bias: float, lower_bias: float) -> tuple[float, float]:
     """A point inside a lung's bounding box, biased towards its lateral / lower part (0..1 biases)."""
     x0, y0 = lung.min(axis=0)
     x1, y1 = lung.max(axis=0)
@@ -238,16 +236,12 @@ def _ribs(geom: dict[str, object], size: int, rng: np.random.Generator) -> np.nd
             xs = 0.5 + side * (0.03 + span * t)
             ys = y0 - 0.035 * np.sin(t * np.pi) + (0.07 + 0.005 * k) * t**1.5
             pts = place(np.stack([xs, ys], axis=1))
-            cv2.polylines(
-                layer, [_to_px(pts, size)], False, 1.0, thickness=thick, lineType=cv2.LINE_AA, shift=4
-            )
+            cv2.polylines(layer, [_to_px(pts, size)], False, 1.0, thickness=thick, lineType=cv2.LINE_AA, shift=4)
         # Clavicle: a gentle S from the sternum up and out to the shoulder.
         xs = 0.5 + side * (0.04 + 0.30 * t)
         ys = 0.17 - 0.06 * t + 0.015 * np.sin(t * 2 * np.pi)
         pts = place(np.stack([xs, ys], axis=1))
-        cv2.polylines(
-            layer, [_to_px(pts, size)], False, 1.3, thickness=thick + 2, lineType=cv2.LINE_AA, shift=4
-        )
+        cv2.polylines(layer, [_to_px(pts, size)], False, 1.3, thickness=thick + 2, lineType=cv2.LINE_AA, shift=4)
     return _blur(layer, size / 250.0)
 
 
@@ -311,9 +305,7 @@ def synthesize_xray(
     t = np.linspace(0.0, 2.0 * np.pi, 128, endpoint=False)
     c, s = np.cos(t), np.sin(t)
     half_w = 0.5 * rng.uniform(0.95, 1.05)
-    torso = np.stack(
-        [0.5 + half_w * np.sign(c) * np.abs(c) ** 0.5, 0.64 + 0.58 * np.sign(s) * np.abs(s) ** 0.6], 1
-    )
+    torso = np.stack([0.5 + half_w * np.sign(c) * np.abs(c) ** 0.5, 0.64 + 0.58 * np.sign(s) * np.abs(s) ** 0.6], 1)
     neck = np.array([[0.41, -0.05], [0.59, -0.05], [0.61, 0.16], [0.39, 0.16]])
     body = _blur(_fill(size, [place(torso), place(neck)]), size / 40.0)
     background = rng.uniform(0.03, 0.12)

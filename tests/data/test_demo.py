@@ -138,9 +138,7 @@ def test_accepts_dataset_folder_and_refuses_foreign_data(tmp_path: Path) -> None
     assert (real / "COVID-1.png").read_bytes() == b"not ours"
 
 
-def test_interrupted_generation_leaves_nothing_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_generation_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import covid_lightning.data.demo as demo
 
     real = demo.synthesize_xray
