@@ -148,3 +148,20 @@ def test_console_script_fit_segmentation_fast_dev_run(config: Path, demo_root: P
         "4",
         cwd=tmp_path,
     )
+
+
+@pytest.mark.parametrize(
+    ("precision", "accelerator", "fast_bf16", "expected"),
+    [
+        ("16-mixed", "cpu", True, "bf16-mixed"),
+        ("16-mixed", "cpu", False, "32-true"),
+        ("bf16-mixed", "cpu", False, "bf16-mixed"),
+        ("32-true", "cpu", True, "32-true"),
+        ("16-mixed", "gpu", False, "16-mixed"),
+    ],
+)
+def test_precision_suited_to_device(monkeypatch, precision, accelerator, fast_bf16, expected):
+    from covid_lightning import cli
+
+    monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert cli.device_precision(precision, accelerator) == expected

@@ -74,7 +74,7 @@ class XRayDataModule(L.LightningDataModule):
         split_file: str | None = None,
         augment: str = "light",
         predict_root: str | None = None,
-        demo_size: int = 50,
+        demo_size: int = 100,
     ) -> None:
         super().__init__()
         if augment not in AUGMENTS:
@@ -226,7 +226,7 @@ class LungSegmentationDataModule(XRayDataModule):
         split_file: str | None = None,
         augment: str = "light",
         predict_root: str | None = None,
-        demo_size: int = 50,
+        demo_size: int = 100,
     ) -> None:
         super().__init__(
             root=root,

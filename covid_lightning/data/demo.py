@@ -42,7 +42,7 @@ DATASET_DIRNAME = "COVID-19_Radiography_Dataset"
 #: Written last; its presence with matching arguments means "complete, reuse as is".
 MARKER_NAME = ".demo.json"
 #: Bump whenever the generator's output changes, so cached demos are regenerated.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 IMAGE_SIZE = 299
 MASK_SIZE = 256
 ENV_VAR = "COVID_LIGHTNING_DEMO_DIR"
@@ -257,12 +257,12 @@ def _pathology(
     if name == "COVID":
         # Several bilateral, peripheral / lower-zone, patchy (ground-glass-like) opacities.
         patch = 0.55 + 0.45 * np.clip(_smooth_noise(rng, size, size / 60.0), -1.5, 1.5) / 1.5
-        n_blobs = int(rng.integers(6, 11))
+        n_blobs = int(rng.integers(8, 13))
         sides = np.concatenate([[0, 1], rng.integers(0, 2, size=n_blobs - 2)])
         for side in sides:
             x0, y0 = _lung_point(rng, lungs[side], lateral_bias=0.9, lower_bias=0.8)
             sx, sy = s * rng.uniform(0.03, 0.055), s * rng.uniform(0.03, 0.055)
-            _add_gauss(out, rng.uniform(0.2, 0.34), x0, y0, sx, sy, rng.uniform(0, np.pi))
+            _add_gauss(out, rng.uniform(0.3, 0.45), x0, y0, sx, sy, rng.uniform(0, np.pi))
         out *= patch
     elif name == "Lung_Opacity":
         # One or two large dense consolidations, mostly in a single lung.
@@ -272,16 +272,16 @@ def _pathology(
             this = side if (i == 0 or rng.random() < 0.75) else 1 - side
             x0, y0 = _lung_point(rng, lungs[this], lateral_bias=0.4, lower_bias=0.5)
             sx, sy = s * rng.uniform(0.055, 0.09), s * rng.uniform(0.065, 0.115)
-            _add_gauss(out, rng.uniform(0.4, 0.55), x0, y0, sx, sy, rng.uniform(0, np.pi), power=1.8)
+            _add_gauss(out, rng.uniform(0.55, 0.7), x0, y0, sx, sy, rng.uniform(0, np.pi), power=1.8)
         out *= 0.85 + 0.15 * np.clip(_smooth_noise(rng, size, size / 40.0), -1.0, 1.0)
     elif name == "Viral Pneumonia":
         # Diffuse bilateral haze (denser towards the hila and bases) + fine reticular network.
-        haze = rng.uniform(0.12, 0.19) * (0.75 + 0.35 * np.clip(yy - 0.3, 0.0, 0.7))
+        haze = rng.uniform(0.2, 0.27) * (0.75 + 0.35 * np.clip(yy - 0.3, 0.0, 0.7))
         band = _blur(rng.standard_normal((size, size)).astype(np.float32), size / 200.0)
         band -= _blur(band, size / 60.0)
         band /= band.std() + 1e-6
         net = np.exp(-((band / 0.4) ** 2))  # zero crossings of band-passed noise: a net of thin lines
-        out += haze + rng.uniform(0.09, 0.13) * net
+        out += haze + rng.uniform(0.13, 0.18) * net
     return out
 
 

@@ -48,7 +48,7 @@ def find_dataset_root(root: str | Path) -> Path:
     if not root.is_dir():
         raise DatasetError(
             f"Dataset root {root} does not exist or is not a folder. Point data.root at the folder that "
-            f"holds {DATASET_DIRNAME}/ (or at {DATASET_DIRNAME}/ itself); `covid-lightning download` fetches it."
+            f"holds {DATASET_DIRNAME}/ (or at {DATASET_DIRNAME}/ itself)."
         )
     for candidate in (root, root / DATASET_DIRNAME):
         if any((candidate / name).is_dir() for name in CLASSES):

@@ -33,7 +33,7 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
         return np.repeat(arr[..., None], 3, axis=2)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image)
+    return np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
 
 
 class ImageReadError(OSError):
