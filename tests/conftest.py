@@ -52,3 +52,43 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _demo_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs that default to the demo data (root: null) generate it once per session, not in ~/.cache."""
     monkeypatch.setenv("COVID_LIGHTNING_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "demo_default"))
+
+
+def _quick_checkpoint(model, datamodule, path: Path) -> Path:
+    import lightning as L
+
+    trainer = L.Trainer(
+        default_root_dir=path.parent,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, datamodule)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def classifier_ckpt(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A briefly trained XRayClassifier checkpoint (64 px, demo data)."""
+    from covid_lightning import RadiographyDataModule, XRayClassifier
+
+    model = XRayClassifier(pretrained=False, trainable="all", image_size=64)
+    dm = RadiographyDataModule(root=str(demo_root), image_size=64, batch_size=8, num_workers=0)
+    return _quick_checkpoint(model, dm, tmp_path_factory.mktemp("ckpt") / "classifier.ckpt")
+
+
+@pytest.fixture(scope="session")
+def segmenter_ckpt(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A briefly trained LungSegmenter checkpoint (SeedUNet, 64 px, demo data)."""
+    from covid_lightning import LungSegmentationDataModule, LungSegmenter
+
+    model = LungSegmenter(image_size=64)
+    dm = LungSegmentationDataModule(root=str(demo_root), image_size=64, batch_size=8, num_workers=0)
+    return _quick_checkpoint(model, dm, tmp_path_factory.mktemp("ckpt") / "segmenter.ckpt")

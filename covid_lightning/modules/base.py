@@ -74,16 +74,21 @@ class XRayModule(L.LightningModule):
         self._log_epoch_metrics("test")
 
     # steps ---------------------------------------------------------------------------------
-    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        """Loss, metric updates and logging for one batch of ``stage``.
+
+        Returns ``{"loss", "probs", "target"}`` (probabilities detached): callbacks such as the
+        evaluation reports receive it as ``outputs`` of the batch-end hooks.
+        """
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "test")
 
     def _log_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:

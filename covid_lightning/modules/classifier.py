@@ -148,7 +148,7 @@ class XRayClassifier(XRayModule):
         """Logits (N, num_classes) for uint8 (0..255) or float ([0, 1]) images (N, 3, H, W)."""
         return self.net(images)
 
-    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         images, labels = batch["image"], batch["label"]
         logits = self(images).float()
         weight = self.class_weight if stage == "train" else None
@@ -159,7 +159,7 @@ class XRayClassifier(XRayModule):
         if stage != "train":
             getattr(self, f"{stage}_confmat").update(probs, labels)
         self._log_loss(stage, loss, batch_size=labels.shape[0])
-        return loss
+        return {"loss": loss, "probs": probs.detach(), "target": labels}
 
     def _store_confusion_matrix(self, stage: str) -> None:
         confmat = getattr(self, f"{stage}_confmat")

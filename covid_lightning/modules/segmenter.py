@@ -121,7 +121,7 @@ class LungSegmenter(XRayModule):
             loss = loss + self.dice_loss(logits, masks)
         return loss
 
-    def shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         images, masks = batch["image"], batch["mask"]
         logits = self(images).float()
         loss = self.compute_loss(logits, masks)
@@ -139,7 +139,7 @@ class LungSegmenter(XRayModule):
             else:
                 metric.update(probs, target)
         self._log_loss(stage, loss, batch_size=images.shape[0])
-        return loss
+        return {"loss": loss, "probs": probs.detach(), "target": target}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probs = self(batch["image"]).float().sigmoid()
