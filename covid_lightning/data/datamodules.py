@@ -9,9 +9,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
-from covid_lightning.data.datasets import ImageFolderDataset, XRayDataset
+from covid_lightning.data.datasets import EpochSampler, ImageFolderDataset, XRayDataset
 from covid_lightning.data.demo import default_demo_dir, make_demo_dataset
 from covid_lightning.data.scan import (
     CLASSES,
@@ -168,21 +168,35 @@ class XRayDataModule(L.LightningDataModule):
         return [total / (len(present) * c) if c > 0 else 0.0 for c in counts]
 
     # loaders ---------------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    @property
+    def run_seed(self) -> int:
+        """The seed of shuffling and augmentation: ``seed_everything``'s when set, else the split seed."""
+        return int(os.environ.get("PL_GLOBAL_SEED", self.hparams.seed))
+
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"No {split} data: call setup() first (or set predict_root for predict).")
         workers = default_num_workers() if self.hparams.num_workers is None else self.hparams.num_workers
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled by :class:`EpochSampler` (order and augmentation a function of seed and epoch)."""
+        dataset = self.datasets.get("train")
+        if dataset is None:
+            raise RuntimeError("No train data: call setup() first.")
+        if len(dataset) == 0:
+            raise DatasetError("The train split is empty: check data.root, val_fraction and test_fraction.")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset.seed = self.run_seed if self.hparams.augment != "none" else None
+        return self._loader("train", EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.run_seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

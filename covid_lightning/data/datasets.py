@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from covid_lightning.data.scan import Record
 from covid_lightning.data.transforms import load_image, load_mask
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch (a pure function: resumable, worker-independent)."""
+    return (seed * 1_000_003 + epoch * 100_003 + index) % (2**32)
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffled order that depends only on ``(seed, epoch)``, sharded over ranks, with the epoch encoded.
+
+    Lightning calls ``set_epoch`` every epoch, so a resumed run sees the same order as an uninterrupted
+    one, and every rank agrees. Each yielded index is ``epoch * len(dataset) + i``: the dataset decodes
+    it and seeds its augmentation with :func:`sample_seed`, so augmentation is reproducible whatever the
+    number of DataLoader workers.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * len(self.dataset)
+        return (offset + i for i in super().__iter__())
 
 
 class XRayDataset(Dataset):
@@ -18,17 +40,29 @@ class XRayDataset(Dataset):
 
     With ``masks=True`` every record must carry a mask; the sample then also has ``mask``, a float
     tensor of shape (1, H, W) with values {0, 1}, aligned with the image by the same transform.
+    With ``seed`` set, the transform is reseeded per sample from (seed, epoch, index), where indices
+    at or beyond ``len(self)`` carry the epoch (see :class:`EpochSampler`).
     """
 
-    def __init__(self, records: Sequence[Record], transform: Callable[..., dict], masks: bool = False) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[..., dict],
+        masks: bool = False,
+        seed: int | None = None,
+    ) -> None:
         self.records = list(records)
         self.transform = transform
         self.masks = masks
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, index = divmod(index, len(self.records))
+        if self.seed is not None:
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         rec = self.records[index]
         image = load_image(rec.path)
         if self.masks:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
+from typing_extensions import Self
 
 STAGES = ("train", "val", "test")
 #: checkpoint key naming the model class that wrote it (``covid_lightning.inference.load_checkpoint``)
@@ -30,6 +32,8 @@ class XRayModule(L.LightningModule):
     config picks any ``torch.optim`` class with ``class_path``/``init_args``.
     """
 
+    #: hyper-parameters that decide the network's shape (named in checkpoint mismatch errors)
+    _compat_keys: tuple[str, ...] = ()
     #: metric that ModelCheckpoint/EarlyStopping watch by default
     monitor: str = "val/loss"
     monitor_mode: str = "min"
@@ -91,6 +95,14 @@ class XRayModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "test")
 
+    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
+        """Stop at the first non-finite loss, naming the step, instead of training on NaNs."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Non-finite {stage} loss ({loss.item()}) at epoch {self.current_epoch}, global step "
+                f"{self.global_step}. Lower the learning rate, check the inputs, or train in 32-true precision."
+            )
+
     def _log_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
         self.log(
             f"{stage}/loss",
@@ -115,6 +127,44 @@ class XRayModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # checkpoints ---------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint`` with weights-only unpickling by default and clear errors.
+
+        A checkpoint of the other model kind, or one whose network does not fit the requested
+        hyper-parameters (backbone, class count, architecture), fails with a message naming both sides.
+        """
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only is not False)
+        stored = checkpoint.get(MODEL_CLASS_KEY) or checkpoint.get("hyper_parameters", {}).get("_class_path")
+        wanted = f"{cls.__module__}.{cls.__qualname__}"
+        if stored and stored.rsplit(".", 1)[-1] != cls.__qualname__:
+            raise TypeError(
+                f"{checkpoint_path} holds a {stored.rsplit('.', 1)[-1]} checkpoint; it cannot be loaded as "
+                f"{cls.__qualname__}. Use {stored.rsplit('.', 1)[-1]}.load_from_checkpoint(...) or "
+                "covid_lightning.inference.load_checkpoint(...)."
+            )
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs
+            )
+        except RuntimeError as err:
+            if "size mismatch" not in str(err) and "Missing key" not in str(err) and "Unexpected key" not in str(err):
+                raise
+            saved = {k: checkpoint.get("hyper_parameters", {}).get(k) for k in cls._compat_keys}
+            asked = {k: v for k, v in kwargs.items() if k in cls._compat_keys}
+            raise ValueError(
+                f"{checkpoint_path} does not fit {wanted}: the checkpoint has {saved}, the model was asked "
+                f"for {asked or 'the same'}. Load it without overriding these hyper-parameters."
+            ) from err
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the model class; reloading must not fetch pretrained weights again (they are in here)."""
         checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"

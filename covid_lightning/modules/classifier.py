@@ -55,6 +55,7 @@ class XRayClassifier(XRayModule):
         lr_scheduler: optional LR scheduler factory; ``scheduler_interval`` is ``epoch`` or ``step``.
     """
 
+    _compat_keys = ("backbone", "num_classes", "hidden_sizes", "flavor")
     monitor = "val/acc"
     monitor_mode = "max"
 
@@ -154,6 +155,7 @@ class XRayClassifier(XRayModule):
         weight = self.class_weight if stage == "train" else None
         smoothing = self.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+        self._check_finite(loss, stage)
         probs = logits.softmax(dim=-1)
         self.stage_metrics(stage).update(probs, labels)
         if stage != "train":

@@ -57,6 +57,7 @@ class LungSegmenter(XRayModule):
         lr_scheduler: optional LR scheduler factory.
     """
 
+    _compat_keys = ("arch", "encoder", "model_kwargs")
     monitor = "val/dice"
     monitor_mode = "max"
 
@@ -125,11 +126,7 @@ class LungSegmenter(XRayModule):
         images, masks = batch["image"], batch["mask"]
         logits = self(images).float()
         loss = self.compute_loss(logits, masks)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Non-finite {stage} loss ({loss.item()}) at epoch {self.current_epoch}, global step "
-                f"{self.global_step}: lower the learning rate or use precision 32-true / bf16-mixed."
-            )
+        self._check_finite(loss, stage)
         probs = logits.sigmoid()
         target = masks.to(torch.int64)
         metrics = self.stage_metrics(stage)
