@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from covid_lightning.data.datasets import EpochSampler, ImageFolderDataset, XRayDataset
 from covid_lightning.data.demo import default_demo_dir, make_demo_dataset
+from covid_lightning.data.hygiene import Screening, inspection_cache_file, screen_records
 from covid_lightning.data.scan import (
     CLASSES,
     DatasetError,
@@ -58,6 +59,10 @@ class XRayDataModule(L.LightningDataModule):
         augment: train-time augmentation, ``none``, ``light`` or ``strong`` (X-ray-safe).
         predict_root: folder of images (any layout, recursive, PNG/JPEG) for ``predict``.
         demo_size: images per class of the demo dataset (used when ``root`` is None).
+        on_bad_file: every file is decoded once in ``setup`` (results cached per file); ``error`` stops
+            before training, listing each unreadable file and why; ``skip`` drops, counts and logs them.
+        duplicates: ``near`` (exact + perceptual-hash duplicates), ``exact`` or ``none``: duplicate
+            groups are kept within one split, so a re-encoded copy cannot leak from train to val.
     """
 
     with_masks = False
@@ -75,6 +80,8 @@ class XRayDataModule(L.LightningDataModule):
         augment: str = "light",
         predict_root: str | None = None,
         demo_size: int = 100,
+        on_bad_file: Literal["error", "skip"] = "error",
+        duplicates: Literal["near", "exact", "none"] = "near",
     ) -> None:
         super().__init__()
         if augment not in AUGMENTS:
@@ -111,16 +118,23 @@ class XRayDataModule(L.LightningDataModule):
                 raise DatasetError(
                     f"{self.hparams.split_file} has rows without a mask_path; it is not a segmentation split."
                 )
+            screened = self._screen(records, base, duplicates="none")
+            kept = {r.path for r in screened.records}
+            splits = [s for r, s in zip(records, splits) if r.path in kept]
+            records, groups = screened.records, screened.groups
         else:
-            records = scan_dataset(base, with_masks=self.with_masks)
+            screened = self._screen(scan_dataset(base, with_masks=self.with_masks, check_files=False), base)
+            records, groups = screened.records, screened.groups
             splits = stratified_split(
                 [r.label for r in records],
                 val_fraction=self.hparams.val_fraction,
                 test_fraction=self.hparams.test_fraction,
                 seed=self.hparams.seed,
+                groups=groups,
             )
+        self.screening = screened
         self.records = {s: [r for r, sp in zip(records, splits) if sp == s] for s in SPLITS}
-        self._write_manifest(records, splits, base)
+        self._write_manifest(records, splits, base, groups)
         log.info(
             "%s split of %s: %s",
             type(self).__name__,
@@ -136,12 +150,21 @@ class XRayDataModule(L.LightningDataModule):
             "test": XRayDataset(self.records["test"], eval_transform(size), self.with_masks),
         }
 
-    def _write_manifest(self, records: list[Record], splits: list[str], base: Path) -> None:
+    def _screen(self, records: list[Record], base: Path, duplicates: str | None = None) -> Screening:
+        """Decode every file once (cached per file across runs): bad files, duplicate groups."""
+        return screen_records(
+            records,
+            on_bad_file=self.hparams.on_bad_file,
+            duplicates=duplicates or self.hparams.duplicates,
+            cache_file=inspection_cache_file(base),
+        )
+
+    def _write_manifest(self, records: list[Record], splits: list[str], base: Path, groups: list[int]) -> None:
         trainer = self.trainer
         if trainer is None:
             return
         if trainer.is_global_zero and trainer.log_dir is not None:
-            self.manifest_path = write_manifest(Path(trainer.log_dir) / MANIFEST_NAME, records, splits, base)
+            self.manifest_path = write_manifest(Path(trainer.log_dir) / MANIFEST_NAME, records, splits, base, groups)
             log.info("Split manifest written to %s (pass it as data.split_file to reuse it).", self.manifest_path)
 
     def _setup_predict(self) -> None:
@@ -151,6 +174,10 @@ class XRayDataModule(L.LightningDataModule):
         paths = sorted(p for p in root.rglob("*") if is_image_file(p))
         if not paths:
             raise DatasetError(f"No PNG/JPEG images under {root}.")
+        screened = screen_records(
+            [Record(p, 0) for p in paths], on_bad_file=self.hparams.on_bad_file, duplicates="none"
+        )
+        paths = [r.path for r in screened.records]
         self.datasets["predict"] = ImageFolderDataset(paths, eval_transform(self.hparams.image_size))
 
     # statistics ------------------------------------------------------------------------------
@@ -241,6 +268,8 @@ class LungSegmentationDataModule(XRayDataModule):
         augment: str = "light",
         predict_root: str | None = None,
         demo_size: int = 100,
+        on_bad_file: Literal["error", "skip"] = "error",
+        duplicates: Literal["near", "exact", "none"] = "near",
     ) -> None:
         super().__init__(
             root=root,
@@ -254,4 +283,6 @@ class LungSegmentationDataModule(XRayDataModule):
             augment=augment,
             predict_root=predict_root,
             demo_size=demo_size,
+            on_bad_file=on_bad_file,
+            duplicates=duplicates,
         )

@@ -50,13 +50,13 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def load_mask(path: str | Path) -> np.ndarray:
-    """Decode a lung mask as HxW uint8 with values {0, 1} (anything > 127 is lung)."""
+    """Decode a lung mask as HxW uint8 with values {0, 1}: > 127 is lung (masks stored as 0/1: > 0)."""
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("L"))
     except OSError as err:
         raise ImageReadError(f"Cannot decode mask {path}: {err}. Remove or replace the file.") from err
-    return (arr > 127).astype(np.uint8)
+    return (arr > (127 if arr.max() > 1 else 0)).astype(np.uint8)
 
 
 def _augmentations(augment: str) -> list[A.BasicTransform]:
