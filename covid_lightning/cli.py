@@ -6,10 +6,11 @@ extra subcommands that do not run a Trainer are dispatched before LightningCLI p
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -86,8 +87,17 @@ def share_logger_version(loggers: Sequence[Logger]) -> None:
             other._version = first.version
 
 
-#: Subcommands that are plain functions of their argv (registered by the modules that implement them).
-EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {}
+#: Subcommands that do not run a Trainer: name -> "module:function" taking argv and returning an exit code.
+EXTRA_COMMANDS: dict[str, str] = {
+    "check-data": "covid_lightning.data.hygiene:main",
+    "export": "covid_lightning.export:main",
+    "serve": "covid_lightning.serve:main",
+}
+
+
+def run_extra_command(name: str, argv: Sequence[str]) -> int:
+    module, _, function = EXTRA_COMMANDS[name].partition(":")
+    return int(getattr(importlib.import_module(module), function)(list(argv)) or 0)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> CovidLightningCLI:
@@ -108,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console scripts."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[args[0]](args[1:])
+        return run_extra_command(args[0], args[1:])
+    if args and args[0] in ("-h", "--help"):
+        extra = ", ".join(EXTRA_COMMANDS)
+        print(f"Extra commands (each with its own --help): {extra}. Trainer commands follow.\n", flush=True)
     build_cli(argv)
     return 0
 

@@ -92,3 +92,11 @@ def segmenter_ckpt(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     model = LungSegmenter(image_size=64)
     dm = LungSegmentationDataModule(root=str(demo_root), image_size=64, batch_size=8, num_workers=0)
     return _quick_checkpoint(model, dm, tmp_path_factory.mktemp("ckpt") / "segmenter.ckpt")
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process CLI runs get their arguments explicitly, never pytest's own."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])

@@ -1,6 +1,8 @@
-"""Callbacks: staged unfreezing, segmentation overlay grids."""
+"""Callbacks: staged unfreezing, overlay grids, evaluation reports, prediction writing."""
 
 from covid_lightning.callbacks.finetuning import StagedUnfreeze
 from covid_lightning.callbacks.overlays import SegmentationOverlays
+from covid_lightning.callbacks.prediction_writer import PredictionWriter
+from covid_lightning.callbacks.reports import EvaluationReport
 
-__all__ = ["SegmentationOverlays", "StagedUnfreeze"]
+__all__ = ["EvaluationReport", "PredictionWriter", "SegmentationOverlays", "StagedUnfreeze"]

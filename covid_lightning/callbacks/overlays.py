@@ -62,6 +62,7 @@ class SegmentationOverlays(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # every rank must ask (it may synchronise across ranks)
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
@@ -73,7 +74,7 @@ class SegmentationOverlays(L.Callback):
         probs = pl_module(batch["image"].to(pl_module.device)).float().sigmoid()
         threshold = getattr(pl_module, "threshold", 0.5)
         grid = overlay_grid(batch["image"], batch["mask"], (probs > threshold).float())
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
+        out_dir = Path(log_dir or trainer.default_root_dir) / "overlays"
         out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = out_dir / f"epoch_{trainer.current_epoch:03d}.png"
         Image.fromarray(grid).save(self.last_path)

@@ -163,8 +163,9 @@ class XRayDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
-        if trainer.is_global_zero and trainer.log_dir is not None:
-            self.manifest_path = write_manifest(Path(trainer.log_dir) / MANIFEST_NAME, records, splits, base, groups)
+        log_dir = trainer.log_dir  # every rank must ask: the loggers may synchronise the version
+        if trainer.is_global_zero and log_dir is not None:
+            self.manifest_path = write_manifest(Path(log_dir) / MANIFEST_NAME, records, splits, base, groups)
             log.info("Split manifest written to %s (pass it as data.split_file to reuse it).", self.manifest_path)
 
     def _setup_predict(self) -> None:
@@ -223,7 +224,15 @@ class XRayDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         dataset.seed = self.run_seed if self.hparams.augment != "none" else None
-        return self._loader("train", EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.run_seed))
+        sampler = EpochSampler(
+            dataset,
+            num_replicas=world,
+            rank=rank,
+            seed=self.run_seed,
+            # the epoch Lightning itself hands to samplers (right after a restart too)
+            epoch_source=(lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None,
+        )
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -21,16 +21,28 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class EpochSampler(DistributedSampler):
     """Shuffled order that depends only on ``(seed, epoch)``, sharded over ranks, with the epoch encoded.
 
-    Lightning calls ``set_epoch`` every epoch, so a resumed run sees the same order as an uninterrupted
-    one, and every rank agrees. Each yielded index is ``epoch * len(dataset) + i``: the dataset decodes
-    it and seeds its augmentation with :func:`sample_seed`, so augmentation is reproducible whatever the
-    number of DataLoader workers.
+    Lightning calls ``set_epoch`` every epoch, and ``epoch_source`` (the fit loop's epoch) is asked too,
+    because a resumed run builds its first iterator before ``set_epoch``; so a resumed run sees the same
+    order as an uninterrupted one, and every rank agrees. Each yielded index is
+    ``epoch * len(dataset) + i``: the dataset decodes it and seeds its augmentation with
+    :func:`sample_seed`, so augmentation is reproducible whatever the number of DataLoader workers.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.epoch_source = epoch_source
 
     def __iter__(self) -> Iterator[int]:
+        if self.epoch_source is not None:
+            # A resumed run may build its (multi-worker) iterator before Lightning calls set_epoch.
+            self.set_epoch(self.epoch_source())
         offset = self.epoch * len(self.dataset)
         return (offset + i for i in super().__iter__())
 

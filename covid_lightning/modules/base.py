@@ -170,6 +170,8 @@ class XRayModule(L.LightningModule):
         checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
+            # LightningCLI (subclass mode) reads it back for `--ckpt_path`, also for checkpoints made in Python
+            hparams.setdefault("_class_path", checkpoint[MODEL_CLASS_KEY])
             for key, value in _BUILD_ONLY.items():
                 if key in hparams:
                     hparams[key] = value

@@ -1,0 +1,210 @@
+"""PredictionWriter: CSVs, original-size masks, Grad-CAM overlays, shard merging, the CLI path."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+from PIL import Image
+
+from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier
+from covid_lightning.callbacks.prediction_writer import (
+    PredictionWriter,
+    merge_csv_shards,
+    shard_path,
+    write_csv,
+)
+from covid_lightning.inference import classify, segment
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: relative path in the predict folder -> original (H, W)
+EXPECTED_SIZES = {
+    "COVID/COVID-1.png": (299, 299),
+    "COVID/scan two.png": (299, 299),
+    "Normal/sub/Normal-1.png": (180, 240),
+    "Normal-2.jpg": (299, 299),
+    "Normal-2.png": (299, 299),
+    "Viral Pneumonia/Viral Pneumonia-1.png": (299, 299),
+}
+
+
+@pytest.fixture(scope="module")
+def predict_root(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mixed L/RGB PNGs in sub-folders, a JPEG, a space in a name, a 180x240 image, a name clash, a non-image."""
+    root = tmp_path_factory.mktemp("predict_in")
+
+    def src(cls: str, i: int) -> Image.Image:
+        return Image.open(demo_root / cls / "images" / f"{cls}-{i}.png")
+
+    def put(rel: str, image: Image.Image) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / rel)
+
+    put("COVID/COVID-1.png", src("COVID", 1))
+    put("COVID/scan two.png", src("COVID", 2).convert("RGB"))
+    put("Normal/sub/Normal-1.png", src("Normal", 1).resize((240, 180), Image.BILINEAR))  # (W, H)
+    put("Normal-2.jpg", src("Normal", 2).convert("RGB"))
+    put("Normal-2.png", src("Normal", 2))  # same stem as the JPEG: the outputs must not clash
+    put("Viral Pneumonia/Viral Pneumonia-1.png", src("Viral Pneumonia", 1).convert("RGB"))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _trainer(tmp_path: Path, writer: PredictionWriter) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        callbacks=[writer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_classifier_csv_and_gradcam(classifier_ckpt: Path, predict_root: Path, tmp_path: Path):
+    model = XRayClassifier.load_from_checkpoint(classifier_ckpt)
+    dm = RadiographyDataModule(predict_root=str(predict_root), image_size=64, batch_size=4, num_workers=0)
+    writer = PredictionWriter(gradcam=True)
+    _trainer(tmp_path, writer).predict(model, datamodule=dm, return_predictions=False)
+
+    out = tmp_path / "predictions"  # the default: <default_root_dir>/predictions (no logger)
+    assert writer.csv_path == out / "predictions.csv"
+    rows = _read(out / "predictions.csv")
+    assert list(rows[0]) == ["path", "predicted", *model.class_names]
+    assert [r["path"] for r in rows] == sorted(EXPECTED_SIZES)  # one row per image, sorted, relative
+    for row in rows:
+        probs = np.array([float(row[c]) for c in model.class_names])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-4)
+        assert row["predicted"] == model.class_names[int(probs.argmax())]
+        expected = classify(model, predict_root / row["path"])  # same preprocessing as classify()
+        assert probs == pytest.approx([expected[c] for c in model.class_names], abs=1e-5)
+
+    overlays = sorted(p.relative_to(out / "gradcam").as_posix() for p in (out / "gradcam").rglob("*.png"))
+    assert overlays == sorted(
+        ["COVID/COVID-1.png", "COVID/scan two.png", "Normal/sub/Normal-1.png", "Normal-2.jpg.png",
+         "Normal-2.png.png", "Viral Pneumonia/Viral Pneumonia-1.png"]
+    )  # fmt: skip
+    with Image.open(out / "gradcam" / "Normal/sub/Normal-1.png") as im:
+        assert im.mode == "RGB" and im.size == (240, 180)
+
+
+def test_segmenter_masks_at_original_size(segmenter_ckpt: Path, predict_root: Path, tmp_path: Path):
+    model = LungSegmenter.load_from_checkpoint(segmenter_ckpt)
+    dm = LungSegmentationDataModule(predict_root=str(predict_root), image_size=64, batch_size=4, num_workers=0)
+    writer = PredictionWriter(output_dir=str(tmp_path / "out"))
+    _trainer(tmp_path, writer).predict(model, datamodule=dm, return_predictions=False)
+
+    out = tmp_path / "out"
+    rows = _read(out / "lung_area.csv")
+    assert list(rows[0]) == ["path", "mask_path", "lung_fraction"]
+    assert [r["path"] for r in rows] == sorted(EXPECTED_SIZES)
+    mask_paths = {r["path"]: r["mask_path"] for r in rows}
+    assert mask_paths["Normal-2.jpg"] == "masks/Normal-2.jpg.png"  # name clash with Normal-2.png resolved
+    assert mask_paths["Normal-2.png"] == "masks/Normal-2.png.png"
+    assert mask_paths["COVID/scan two.png"] == "masks/COVID/scan two.png"
+    assert len(list((out / "masks").rglob("*.png"))) == len(EXPECTED_SIZES)
+    for row in rows:
+        with Image.open(out / row["mask_path"]) as im:
+            assert im.mode == "L"
+            mask = np.asarray(im)
+        assert mask.shape == EXPECTED_SIZES[row["path"]]
+        assert set(np.unique(mask)) <= {0, 255}
+        assert float(row["lung_fraction"]) == pytest.approx((mask == 255).mean(), abs=1e-6)
+        # the same mask as the Python API
+        expected = segment(model, predict_root / row["path"])
+        assert np.mean((mask == 255) != expected) < 1e-3
+
+
+def test_merge_csv_shards(tmp_path: Path):
+    final = tmp_path / "predictions.csv"
+    header = ["path", "predicted", "A", "B"]
+    s0 = write_csv(shard_path(final, 0), header, [["b/2.png", "A", "0.9", "0.1"], ["a 1.png", "B", "0.2", "0.8"]])
+    s1 = write_csv(shard_path(final, 1), header, [["c.png", "A", "0.6", "0.4"], ["a 1.png", "B", "0.2", "0.8"]])
+    assert s0.name == "predictions.rank0.csv" and s1.name == "predictions.rank1.csv"
+    merge_csv_shards([s0, s1], final)
+    rows = _read(final)
+    assert [r["path"] for r in rows] == ["a 1.png", "b/2.png", "c.png"]  # sorted, the duplicate kept once
+    assert list(rows[0]) == header and rows[1]["A"] == "0.9"
+    assert not s0.exists() and not s1.exists()
+
+    write_csv(s0, header, [])
+    write_csv(s1, ["path", "other"], [])
+    with pytest.raises(ValueError, match="columns"):
+        merge_csv_shards([s0, s1], final)
+    with pytest.raises(FileNotFoundError, match="rank2"):
+        merge_csv_shards([s0, shard_path(final, 2)], final)
+
+
+def test_multi_rank_epoch_end_writes_shards_then_rank0_merges(tmp_path: Path):
+    """The writer's DDP path with a stand-in trainer: shards per rank, barrier, rank 0 merges."""
+    barriers: list[str] = []
+
+    def fake_trainer(rank: int) -> SimpleNamespace:
+        strategy = SimpleNamespace(barrier=lambda name=None: barriers.append(name))
+        return SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0, strategy=strategy)
+
+    for rank, rows in ((1, [["z.png", "m/z.png", "0.5"]]), (0, [["a.png", "m/a.png", "0.25"]])):
+        writer = PredictionWriter(output_dir=str(tmp_path))
+        writer.out_dir, writer._header, writer._rows = tmp_path, ["path", "mask_path", "lung_fraction"], rows
+        writer.on_predict_epoch_end(fake_trainer(rank), None)
+    assert [r["path"] for r in _read(tmp_path / "lung_area.csv")] == ["a.png", "z.png"]
+    assert writer.csv_path == tmp_path / "lung_area.csv"
+    assert not list(tmp_path.glob("*.rank*.csv"))
+    assert len(barriers) == 4
+
+
+def test_gradcam_needs_a_classifier(segmenter_ckpt: Path, predict_root: Path, tmp_path: Path):
+    model = LungSegmenter.load_from_checkpoint(segmenter_ckpt)
+    dm = LungSegmentationDataModule(predict_root=str(predict_root), image_size=64, num_workers=0)
+    with pytest.raises(ValueError, match="classifier"):
+        _trainer(tmp_path, PredictionWriter(gradcam=True)).predict(model, datamodule=dm, return_predictions=False)
+
+
+def test_lightning_predict_cli(classifier_ckpt: Path, demo_root: Path, predict_root: Path, tmp_path: Path, monkeypatch):
+    from covid_lightning.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)  # nothing lands in the repository
+    monkeypatch.setattr(sys, "argv", ["lightning"])  # not pytest's arguments
+    # LightningCLI reads the model's hyper-parameters back from --ckpt_path (subclass mode needs
+    # `_class_path`, which XRayModule.on_save_checkpoint records for checkpoints made in Python too).
+    build_cli(
+        [
+            "predict",
+            "--config",
+            str(REPO / "configs/demo/classification.yaml"),
+            "--ckpt_path",
+            str(classifier_ckpt),
+            "--data.root",
+            str(demo_root),
+            "--data.predict_root",
+            str(predict_root),
+            "--data.num_workers",
+            "0",
+            "--data.image_size",
+            "64",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks+=covid_lightning.callbacks.prediction_writer.PredictionWriter",
+        ]
+    )
+    rows = _read(tmp_path / "run" / "predictions" / "predictions.csv")
+    assert [r["path"] for r in rows] == sorted(EXPECTED_SIZES)
+    model = XRayClassifier.load_from_checkpoint(classifier_ckpt)
+    expected = classify(model, predict_root / rows[0]["path"])
+    assert float(rows[0]["COVID"]) == pytest.approx(expected["COVID"], abs=1e-5)

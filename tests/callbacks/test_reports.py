@@ -1,0 +1,257 @@
+"""EvaluationReport: the report's numbers against independent computations, and the files a test/validate run writes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+
+from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier
+from covid_lightning.callbacks.reports import (
+    EvaluationReport,
+    classification_table,
+    confusion_matrix,
+    segmentation_metrics,
+    to_markdown,
+    to_text,
+)
+from covid_lightning.modules.classifier import metric_key
+
+CLASSIFICATION_FILES = {
+    "classification_report.md",
+    "classification_report.csv",
+    "confusion_matrix.png",
+    "confusion_matrix.csv",
+    "roc.png",
+    "auroc.csv",
+}
+
+# hand-made predictions: 4 classes, class "d" never predicted (precision 0/0 -> 0)
+NAMES = ["a", "b", "c", "d"]
+TARGET = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3])
+PROBS = torch.tensor(
+    [
+        [0.70, 0.10, 0.10, 0.10],  # a -> a
+        [0.60, 0.20, 0.10, 0.10],  # a -> a
+        [0.30, 0.40, 0.20, 0.10],  # a -> b
+        [0.25, 0.10, 0.55, 0.10],  # a -> c
+        [0.10, 0.80, 0.05, 0.05],  # b -> b
+        [0.20, 0.50, 0.20, 0.10],  # b -> b
+        [0.45, 0.35, 0.10, 0.10],  # b -> a
+        [0.10, 0.10, 0.75, 0.05],  # c -> c
+        [0.05, 0.15, 0.65, 0.15],  # c -> c
+        [0.10, 0.50, 0.30, 0.10],  # c -> b
+        [0.40, 0.10, 0.15, 0.35],  # d -> a
+    ]
+)
+
+
+def _by_hand(cm: np.ndarray) -> dict[str, np.ndarray | float]:
+    """Precision/recall/F1/support/accuracy/averages straight from the confusion matrix."""
+    tp = np.diag(cm).astype(float)
+    col, row = cm.sum(axis=0), cm.sum(axis=1)
+    precision = np.divide(tp, col, out=np.zeros_like(tp), where=col > 0)
+    recall = np.divide(tp, row, out=np.zeros_like(tp), where=row > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    support = row
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support,
+        "accuracy": tp.sum() / cm.sum(),
+        "macro": np.array([precision.mean(), recall.mean(), f1.mean()]),
+        "weighted": np.array([(x * support).sum() / support.sum() for x in (precision, recall, f1)]),
+    }
+
+
+def _mann_whitney_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    pos, neg = scores[positive], scores[~positive]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def test_table_equals_computation_from_confusion_matrix():
+    cm_hand = np.zeros((4, 4), dtype=int)
+    for t, p in zip(TARGET.tolist(), PROBS.argmax(1).tolist()):
+        cm_hand[t, p] += 1
+    np.testing.assert_array_equal(confusion_matrix(PROBS, TARGET, 4), cm_hand)
+    expected = _by_hand(cm_hand)
+
+    rows = classification_table(PROBS, TARGET, NAMES)
+    assert [r["class"] for r in rows] == [*NAMES, "accuracy", "macro avg", "weighted avg"]
+    for i, row in enumerate(rows[:4]):
+        assert row["precision"] == pytest.approx(expected["precision"][i])
+        assert row["recall"] == pytest.approx(expected["recall"][i])
+        assert row["f1-score"] == pytest.approx(expected["f1"][i])
+        assert row["support"] == expected["support"][i]
+        auc = _mann_whitney_auc(PROBS[:, i].numpy(), (TARGET == i).numpy())
+        assert row["auroc"] == pytest.approx(auc)
+    assert rows[3]["precision"] == 0.0  # "d" never predicted: 0, as sklearn's zero_division
+    acc = rows[4]
+    assert acc["precision"] is None and acc["recall"] is None and acc["auroc"] is None
+    assert acc["f1-score"] == pytest.approx(expected["accuracy"]) and acc["support"] == len(TARGET)
+    for row, key in ((rows[5], "macro"), (rows[6], "weighted")):
+        assert [row["precision"], row["recall"], row["f1-score"]] == pytest.approx(expected[key].tolist())
+        assert row["support"] == len(TARGET)
+    aucs = np.array([r["auroc"] for r in rows[:4]])
+    assert rows[5]["auroc"] == pytest.approx(aucs.mean())
+    assert rows[6]["auroc"] == pytest.approx((aucs * expected["support"]).sum() / len(TARGET))
+
+
+def test_labels_instead_of_probabilities_and_absent_class():
+    rows = classification_table(PROBS.argmax(1), TARGET, NAMES)
+    assert rows[0]["precision"] == pytest.approx(classification_table(PROBS, TARGET, NAMES)[0]["precision"])
+    assert all(r["auroc"] is None for r in rows)
+    # class "d" absent from the targets: its AUROC is undefined, the averages skip it
+    keep = TARGET != 3
+    rows = classification_table(PROBS[keep], TARGET[keep], NAMES)
+    assert rows[3]["support"] == 0 and rows[3]["auroc"] is None
+    assert rows[5]["auroc"] == pytest.approx(np.mean([r["auroc"] for r in rows[:3]]))
+
+
+def test_markdown_and_text_layout():
+    rows = classification_table(PROBS, TARGET, NAMES)
+    md = to_markdown(rows).splitlines()
+    assert md[0] == "| class | precision | recall | f1-score | support | auroc |"
+    assert len(md) == 2 + 7 and md[6].startswith("| accuracy |  |  | ")
+    text = to_text(rows)
+    assert text.splitlines()[0].split() == ["precision", "recall", "f1-score", "support"]
+    assert "    accuracy" in text and "weighted avg" in text
+
+
+def test_text_is_sklearns_classification_report():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(60, 4, generator=g).softmax(-1)
+    target = torch.randint(0, 4, (60,), generator=g)
+    names = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    rows = classification_table(probs, target, names)
+    for digits in (2, 4):
+        expected = sklearn_metrics.classification_report(
+            target.numpy(), probs.argmax(1).numpy(), labels=range(4), target_names=names, digits=digits, zero_division=0
+        )
+        assert to_text(rows, digits) == expected
+    auc = sklearn_metrics.roc_auc_score(target.numpy(), probs.numpy(), multi_class="ovr", average=None)
+    assert [r["auroc"] for r in rows[:4]] == pytest.approx(auc.tolist())
+
+
+def test_segmentation_metrics_by_hand():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(3, 1, 8, 8, generator=g)
+    target = (torch.rand(3, 1, 8, 8, generator=g) > 0.5).long()
+    pred = (probs > 0.5).numpy()
+    t = target.numpy().astype(bool)
+    tp, fp, fn, tn = (pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum(), (~pred & ~t).sum()
+    values = segmentation_metrics(probs, target, threshold=0.5)
+    assert values["iou"] == pytest.approx(tp / (tp + fp + fn))
+    assert values["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert values["precision"] == pytest.approx(tp / (tp + fp))
+    assert values["recall"] == pytest.approx(tp / (tp + fn))
+    assert values["accuracy"] == pytest.approx((tp + tn) / t.size)
+    per_image = [2 * (p & m).sum() / (p.sum() + m.sum()) for p, m in zip(pred, t)]
+    assert values["dice_per_image"] == pytest.approx(np.mean(per_image))
+
+
+# with a Trainer ----------------------------------------------------------------------------------------
+def _trainer(tmp_path: Path, callbacks: list[L.Callback], **kw) -> L.Trainer:
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="eval"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_png(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        return im.size
+
+
+def test_classifier_test_and_validate_write_reports(classifier_ckpt: Path, demo_root: Path, tmp_path: Path):
+    model = XRayClassifier.load_from_checkpoint(classifier_ckpt)
+    dm = RadiographyDataModule(root=str(demo_root), test_fraction=0.25, image_size=64, num_workers=0, batch_size=4)
+    report = EvaluationReport()
+    trainer = _trainer(tmp_path, [report])
+    [logged] = trainer.test(model, dm)
+
+    out = Path(trainer.log_dir) / "report_test"
+    assert {p.name for p in out.iterdir()} == CLASSIFICATION_FILES
+    for png in ("confusion_matrix.png", "roc.png"):
+        _assert_png(out / png)
+    rows = {r["class"]: r for r in _read_csv(out / "classification_report.csv")}
+    assert list(rows)[:4] == model.class_names
+    n_test = len(dm.records["test"])
+    assert n_test > 4  # more than one batch was collected
+    assert int(rows["accuracy"]["support"]) == n_test == sum(int(rows[c]["support"]) for c in model.class_names)
+    # the report agrees with the module's own torchmetrics (logged by trainer.test)
+    assert float(rows["accuracy"]["f1-score"]) == pytest.approx(logged["test/acc"], abs=1e-6)
+    for name in model.class_names:
+        for col, key in (("precision", "precision"), ("recall", "recall"), ("f1-score", "f1")):
+            assert float(rows[name][col]) == pytest.approx(logged[f"test/{key}_{metric_key(name)}"], abs=1e-6)
+    cm = np.array(
+        [[int(v) for k, v in r.items() if k != "true class"] for r in _read_csv(out / "confusion_matrix.csv")]
+    )
+    np.testing.assert_array_equal(cm, model.confusion_matrices["test"].numpy())
+    auc = {r["class"]: r["auroc"] for r in _read_csv(out / "auroc.csv")}
+    assert list(auc) == [*model.class_names, "macro avg", "weighted avg"]
+    md = (out / "classification_report.md").read_text()
+    assert "| class | precision | recall | f1-score | support | auroc |" in md and "weighted avg" in md
+    assert report.results["test"][-1]["class"] == "weighted avg"
+
+    trainer.validate(model, dm)
+    val_rows = {r["class"]: r for r in _read_csv(Path(trainer.log_dir) / "report_val" / "classification_report.csv")}
+    assert int(val_rows["accuracy"]["support"]) == len(dm.records["val"])
+    assert set(report.written) == {"report_test", "report_val"}
+
+
+def test_no_report_without_batches_or_during_fit_by_default(demo_root: Path, tmp_path: Path):
+    model = XRayClassifier(pretrained=False, trainable="head", image_size=64)
+    dm = RadiographyDataModule(root=str(demo_root), test_fraction=0.25, image_size=64, num_workers=0, batch_size=4)
+    default, at_fit_end = EvaluationReport(), EvaluationReport(stages=("fit",))
+    trainer = _trainer(tmp_path, [default, at_fit_end], max_epochs=2, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(model, dm)
+    assert default.written == {}
+    assert set(at_fit_end.written) == {"report_val"}
+    rows = {r["class"]: r for r in _read_csv(Path(trainer.log_dir) / "report_val" / "classification_report.csv")}
+    assert int(rows["accuracy"]["support"]) == 4  # the last validation epoch only (one batch), no sanity check
+
+    trainer = _trainer(tmp_path / "empty", [default], limit_test_batches=0)
+    trainer.test(model, dm)
+    assert default.written == {} and not (Path(trainer.log_dir) / "report_test").exists()
+
+
+def test_segmenter_test_writes_report(segmenter_ckpt: Path, demo_root: Path, tmp_path: Path):
+    model = LungSegmenter.load_from_checkpoint(segmenter_ckpt)
+    dm = LungSegmentationDataModule(root=str(demo_root), test_fraction=0.25, image_size=64, num_workers=0, batch_size=4)
+    report = EvaluationReport(num_images=3)
+    trainer = _trainer(tmp_path, [report])
+    [logged] = trainer.test(model, dm)
+
+    out = Path(trainer.log_dir) / "report_test"
+    assert {p.name for p in out.iterdir()} == {"segmentation_report.md", "segmentation_report.csv", "overlays.png"}
+    assert _assert_png(out / "overlays.png") == (3 * 64, 3 * 64)  # 3 columns (image, truth, prediction), 3 rows
+    values = {r["metric"]: float(r["value"]) for r in _read_csv(out / "segmentation_report.csv")}
+    for key in ("iou", "dice", "precision", "recall", "accuracy", "dice_per_image"):
+        assert values[key] == pytest.approx(logged[f"test/{key}"], abs=1e-6)
+    assert values["images"] == len(dm.records["test"]) and values["threshold"] == model.threshold
+    md = (out / "segmentation_report.md").read_text()
+    assert "IoU (Jaccard)" in md and "mean per-image Dice" in md
