@@ -165,3 +165,11 @@ def test_precision_suited_to_device(monkeypatch, precision, accelerator, fast_bf
 
     monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: fast_bf16)
     assert cli.device_precision(precision, accelerator) == expected
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_prediction_writer_is_the_last_callback(config: Path):
+    """The README's `--trainer.callbacks.gradcam true` edits the last callback of the list."""
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    assert callbacks[-1]["class_path"] == "covid_lightning.callbacks.PredictionWriter"
+    assert any(c["class_path"].endswith("EvaluationReport") for c in callbacks)
