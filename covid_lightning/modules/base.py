@@ -12,6 +12,7 @@ from torchmetrics import MetricCollection
 from typing_extensions import Self
 
 STAGES = ("train", "val", "test")
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 #: checkpoint key naming the model class that wrote it (``covid_lightning.inference.load_checkpoint``)
 MODEL_CLASS_KEY = "covid_lightning_model"
 
@@ -43,6 +44,8 @@ class XRayModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "epoch",
+        memory_format: str = "channels_last",
+        compile_model: bool = False,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer or default_optimizer
@@ -50,6 +53,25 @@ class XRayModule(L.LightningModule):
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}.")
         self.scheduler_interval = scheduler_interval
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, not {memory_format!r}.")
+        self.memory_format = MEMORY_FORMATS[memory_format]
+        self.compile_model = compile_model
+
+    # speed -----------------------------------------------------------------------------------
+    def _finish_net(self) -> None:
+        """Lay the network out in the chosen memory format (subclasses call it once ``self.net`` exists)."""
+        self.net.to(memory_format=self.memory_format)
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in the network's memory format (channels_last: NHWC strides, ~1.5-2x faster convs on CPU)."""
+        return images.contiguous(memory_format=self.memory_format) if images.dim() == 4 else images
+
+    def configure_model(self) -> None:
+        """``compile_model: true`` compiles the network in place (``nn.Module.compile``; state-dict keys
+        unchanged). Worth it for long GPU runs; on a CPU the compile costs ~20 s."""
+        if self.compile_model and not getattr(self.net, "_compiled_call_impl", None):
+            self.net.compile()
 
     # metrics -------------------------------------------------------------------------------
     def _init_metrics(self, metrics: MetricCollection) -> None:

@@ -53,6 +53,8 @@ class XRayClassifier(XRayModule):
         label_smoothing: cross-entropy label smoothing.
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
         lr_scheduler: optional LR scheduler factory; ``scheduler_interval`` is ``epoch`` or ``step``.
+        memory_format: ``channels_last`` (default, faster convolutions) or ``contiguous``.
+        compile_model: ``torch.compile`` the network (worth it for long GPU runs).
     """
 
     _compat_keys = ("backbone", "num_classes", "hidden_sizes", "flavor")
@@ -77,8 +79,10 @@ class XRayClassifier(XRayModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        memory_format: Literal["channels_last", "contiguous"] = "channels_last",
+        compile_model: bool = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, scheduler_interval)
+        super().__init__(optimizer, lr_scheduler, scheduler_interval, memory_format, compile_model)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if trainable not in REGIMES:
             raise ValueError(f"Unknown trainable regime {trainable!r}; choose one of {', '.join(REGIMES)}.")
@@ -98,6 +102,7 @@ class XRayClassifier(XRayModule):
             trainable=trainable,
         )
         # Store what "auto" resolved to, so the checkpoint rebuilds exactly this network and preprocessing.
+        self._finish_net()
         self.hparams.update(flavor=self.net.flavor, normalization=self.net.normalization, class_names=class_names)
         self.register_buffer("class_weight", self._initial_class_weight(class_weights, num_classes), persistent=False)
         self.label_smoothing = label_smoothing
@@ -147,7 +152,7 @@ class XRayClassifier(XRayModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for uint8 (0..255) or float ([0, 1]) images (N, 3, H, W)."""
-        return self.net(images)
+        return self.net(self.to_input(images))
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         images, labels = batch["image"], batch["label"]

@@ -55,6 +55,8 @@ class LungSegmenter(XRayModule):
         model_kwargs: extra architecture arguments (e.g. ``{batch_norm: true}`` for ``seed_unet``).
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
         lr_scheduler: optional LR scheduler factory.
+        memory_format: ``channels_last`` (default, faster convolutions) or ``contiguous``.
+        compile_model: ``torch.compile`` the network (worth it for long GPU runs).
     """
 
     _compat_keys = ("arch", "encoder", "model_kwargs")
@@ -75,8 +77,10 @@ class LungSegmenter(XRayModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        memory_format: Literal["channels_last", "contiguous"] = "channels_last",
+        compile_model: bool = False,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, scheduler_interval)
+        super().__init__(optimizer, lr_scheduler, scheduler_interval, memory_format, compile_model)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if loss not in LOSSES:
             raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
@@ -88,6 +92,7 @@ class LungSegmenter(XRayModule):
             normalization=normalization,
             model_kwargs=model_kwargs,
         )
+        self._finish_net()
         self.hparams.update(normalization=self.net.normalization)
         self.dice_loss = smp.losses.DiceLoss(mode="binary", from_logits=True) if loss == "bce_dice" else None
         self.threshold = threshold
@@ -112,7 +117,7 @@ class LungSegmenter(XRayModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Lung logits (N, 1, H, W) for uint8 (0..255) or float ([0, 1]) images (N, 3, H, W)."""
-        return self.net(images)
+        return self.net(self.to_input(images))
 
     def compute_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """The training loss, always in float32 (safe under autocast)."""
