@@ -1,8 +1,9 @@
-"""Callbacks: staged unfreezing, overlay grids, evaluation reports, prediction writing."""
+"""Callbacks: frozen-feature cache, staged unfreezing, overlay grids, evaluation reports, prediction writing."""
 
+from covid_lightning.callbacks.feature_cache import FrozenFeatureCache
 from covid_lightning.callbacks.finetuning import StagedUnfreeze
 from covid_lightning.callbacks.overlays import SegmentationOverlays
 from covid_lightning.callbacks.prediction_writer import PredictionWriter
 from covid_lightning.callbacks.reports import EvaluationReport
 
-__all__ = ["EvaluationReport", "PredictionWriter", "SegmentationOverlays", "StagedUnfreeze"]
+__all__ = ["EvaluationReport", "FrozenFeatureCache", "PredictionWriter", "SegmentationOverlays", "StagedUnfreeze"]

@@ -99,3 +99,26 @@ class ImageFolderDataset(Dataset):
         image = load_image(self.paths[index])
         out = self.transform(image=image)
         return {"image": out["image"], "path": str(self.paths[index]), "size": torch.tensor(image.shape[:2])}
+
+
+class FeatureDataset(Dataset):
+    """Pre-computed network activations as samples: ``{"features", "label", "path"}``.
+
+    Used by :class:`covid_lightning.callbacks.FrozenFeatureCache` in place of an image dataset. Indices
+    at or beyond ``len(self)`` carry the epoch (see :class:`EpochSampler`) and are folded back.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: Sequence[int], paths: Sequence[str]) -> None:
+        if not len(features) == len(labels) == len(paths):
+            raise ValueError(f"{len(features)} features, {len(labels)} labels and {len(paths)} paths.")
+        self.features = features
+        self.labels = list(labels)
+        self.paths = list(paths)
+        self.seed: int | None = None  # nothing random to seed; kept for the DataModule's interface
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index %= len(self.labels)
+        return {"features": self.features[index], "label": self.labels[index], "path": self.paths[index]}

@@ -221,3 +221,49 @@ class XRayNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+    # frozen prefix / trainable suffix -----------------------------------------------------------
+    def can_split(self, regime: str | None = None) -> bool:
+        """Whether :meth:`forward_prefix`/:meth:`forward_suffix` support ``regime`` on this backbone."""
+        regime = regime or self.trainable
+        if regime == "head":
+            return True
+        needs = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
+        if regime not in ("last_conv", "last_2_conv") or not all(hasattr(self.backbone, n) for n in needs):
+            return False
+        last = self.backbone.blocks[-1]
+        return regime == "last_conv" or (len(last) == 1 and hasattr(last[0], "conv_pwl") and not last[0].has_skip)
+
+    @torch.no_grad()
+    def forward_prefix(self, x: torch.Tensor, regime: str | None = None) -> torch.Tensor:
+        """The frozen part of ``regime``: its output is the input of the first trainable layer.
+
+        ``head``: pooled features (N, 1280); ``last_conv``: the input of Keras ``Conv_1`` (N, 160, 7, 7);
+        ``last_2_conv``: the input of ``block_16_project`` (N, 480, 7, 7) (MobileNetV2-050 at 224 px).
+        Run in eval mode, it is a pure function of the image: cacheable across epochs.
+        """
+        regime = regime or self.trainable
+        if not self.can_split(regime):
+            raise ValueError(f"No frozen prefix for regime {regime!r} on {type(self.backbone).__name__}.")
+        if regime == "head":
+            return self.forward_features(x)
+        b = self.backbone
+        x = b.bn1(b.conv_stem(self.normalize(x)))
+        if regime == "last_conv":
+            return b.blocks(x)
+        x = b.blocks[:-1](x)
+        blk = b.blocks[-1][0]
+        if getattr(blk, "conv_s2d", None) is not None:
+            x = blk.bn_s2d(blk.conv_s2d(x))
+        return blk.se(blk.aa(blk.bn2(blk.conv_dw(blk.bn1(blk.conv_pw(x))))))
+
+    def forward_suffix(self, z: torch.Tensor, regime: str | None = None) -> torch.Tensor:
+        """Logits from :meth:`forward_prefix`'s output: the trainable rest of the network."""
+        regime = regime or self.trainable
+        if regime == "head":
+            return self.head(z)
+        b = self.backbone
+        if regime == "last_2_conv":
+            blk = b.blocks[-1][0]
+            z = blk.bn3(blk.conv_pwl(z))
+        return self.head(b.forward_head(b.bn2(b.conv_head(z))))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -20,6 +23,8 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from covid_lightning.models.classifier import REGIMES, XRayNet
 from covid_lightning.modules.base import XRayModule
+
+log = logging.getLogger(__name__)
 
 #: Canonical class names, duplicated from ``data.scan.CLASSES`` so ``modules/`` does not import ``data/``
 #: (a test checks that both agree).
@@ -150,13 +155,23 @@ class XRayClassifier(XRayModule):
                 raise ValueError("class_weights='balanced' needs a datamodule exposing class_weights.")
             self.class_weight = torch.as_tensor(dm.class_weights, dtype=torch.float32, device=self.device)
 
+    def on_fit_start(self) -> None:
+        frozen_bn = sum(1 for m in self.net.modules() if isinstance(m, _BatchNorm) and not m.training)
+        if frozen_bn:
+            log.info("%d frozen BatchNorm layers run in inference mode for the whole run (as in Keras).", frozen_bn)
+            # Lightning warns about modules in eval mode at the start of training: here that is the design.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for uint8 (0..255) or float ([0, 1]) images (N, 3, H, W)."""
         return self.net(self.to_input(images))
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
-        images, labels = batch["image"], batch["label"]
-        logits = self(images).float()
+        labels = batch["label"]
+        if "features" in batch:  # cached activations of the frozen prefix (FrozenFeatureCache)
+            logits = self.net.forward_suffix(self.to_input(batch["features"].float())).float()
+        else:
+            logits = self(batch["image"]).float()
         weight = self.class_weight if stage == "train" else None
         smoothing = self.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
