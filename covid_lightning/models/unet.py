@@ -320,8 +320,21 @@ def load_encoder_weights(model: nn.Module, path: str | Path, in_channels: int = 
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"{type(model).__name__} has no .encoder module to load weights into.")
     state = load_state_dict_file(path)
+    # smp's timm encoders ("tu-...") wrap the timm model as ``encoder.model``: a plain timm backbone
+    # state dict (e.g. the lab's Keras MobileNetV2 converted to timm) loads into that.
+    candidates = [encoder]
+    if isinstance(getattr(encoder, "model", None), nn.Module):
+        candidates.append(encoder.model)
+    scored = []
+    for module in candidates:
+        keys = set(module.state_dict())
+        sub = dict(_strip_prefixes(state, keys))
+        scored.append((len(sub.keys() & keys) / max(len(keys), 1), module, sub))
+    _, encoder, sd = max(scored, key=lambda t: t[0])
     target = encoder.state_dict()
-    sd = dict(_strip_prefixes(state, set(target)))
+    dropped = set(sd) - set(target)
+    if dropped and encoder is not model.encoder:  # a full backbone's head (conv_head, classifier) is not used
+        sd = {k: v for k, v in sd.items() if k in target}
 
     mismatched = {
         k: (tuple(v.shape), tuple(target[k].shape))

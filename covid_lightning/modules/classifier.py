@@ -23,6 +23,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from covid_lightning.models.classifier import REGIMES, XRayNet
 from covid_lightning.modules.base import XRayModule
+from covid_lightning.modules.metrics import PairAccuracy
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,13 @@ class XRayClassifier(XRayModule):
         self.label_smoothing = label_smoothing
 
         keys = [metric_key(n) for n in class_names]
+        pair = {}
+        if "COVID" in class_names and "Normal" in class_names:  # the like-for-like comparison
+            pair["acc_covid_vs_normal"] = PairAccuracy(class_names.index("COVID"), class_names.index("Normal"))
         self._init_metrics(
             MetricCollection(
                 {
+                    **pair,
                     "acc": MulticlassAccuracy(num_classes, average="micro"),
                     "f1_macro": MulticlassF1Score(num_classes, average="macro"),
                     "precision": ClasswiseWrapper(

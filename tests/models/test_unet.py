@@ -305,3 +305,19 @@ def test_truncated_or_foreign_weights_file_fails(resnet18_source: nn.Module, tmp
     torch.save(resnet18_source.encoder.state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(PretrainedWeightsError, match="layer1.2"):  # resnet34 has blocks resnet18 lacks
         build_segmentation_model("Unet", encoder="resnet34", encoder_weights_file=tmp_path / "resnet18.pth")
+
+
+def test_timm_backbone_state_dict_loads_into_tu_encoder(keras_weights):
+    """The lab's Keras MobileNetV2 (timm conversion) as the encoder of an smp U-Net."""
+    import safetensors.torch as st
+
+    path = keras_weights / "mobilenetv2_050_keras_imagenet.safetensors"
+    model = build_segmentation_model(
+        "Unet", encoder="tu-mobilenetv2_050", encoder_weights_file=str(path), pad_type="same", bn_eps=1e-3
+    )
+    saved = st.load_file(str(path))
+    loaded = model.encoder.model.state_dict()
+    assert len(loaded) > 300
+    for key, value in loaded.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, saved[key]), key

@@ -130,3 +130,20 @@ def test_metrics_logged_per_stage(demo_root: Path, tmp_path: Path):
         assert key in logged, key
     cm = model.confusion_matrices["val"]
     assert cm.shape == (4, 4) and cm.sum().item() == 8  # 2 val images per class
+
+
+def test_covid_vs_normal_accuracy_by_hand():
+    from covid_lightning.modules.metrics import PairAccuracy
+
+    metric = PairAccuracy(0, 2)  # COVID=0, Normal=2
+    probs = torch.tensor([
+        [0.5, 0.1, 0.4, 0.0],  # COVID, COVID>Normal: right
+        [0.2, 0.6, 0.1, 0.1],  # COVID, argmax Lung_Opacity but COVID>Normal: right for the pair
+        [0.3, 0.0, 0.2, 0.5],  # Normal, COVID>Normal: wrong
+        [0.1, 0.1, 0.7, 0.1],  # Normal: right
+        [0.9, 0.0, 0.1, 0.0],  # Viral Pneumonia: not counted
+    ])  # fmt: skip
+    metric.update(probs, torch.tensor([0, 0, 2, 2, 3]))
+    assert metric.compute().item() == pytest.approx(3 / 4)
+    model = XRayClassifier(pretrained=False)
+    assert "val/acc_covid_vs_normal" in model.val_metrics.keys(keep_base=False)
