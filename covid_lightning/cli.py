@@ -90,6 +90,7 @@ def share_logger_version(loggers: Sequence[Logger]) -> None:
 #: Subcommands that do not run a Trainer: name -> "module:function" taking argv and returning an exit code.
 EXTRA_COMMANDS: dict[str, str] = {
     "check-data": "covid_lightning.data.hygiene:main",
+    "download": "covid_lightning.download:main",
     "export": "covid_lightning.export:main",
     "serve": "covid_lightning.serve:main",
 }

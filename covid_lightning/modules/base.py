@@ -137,9 +137,16 @@ class XRayModule(L.LightningModule):
         )
 
     # optimisation --------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer; a group's ``lr_factor`` scales the optimizer's lr for it."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        groups = self.param_groups()
+        factors = [g.pop("lr_factor", 1.0) for g in groups]
+        optimizer = self.optimizer_factory(groups)
+        for group, factor in zip(optimizer.param_groups, factors):
+            group["lr"] *= factor
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

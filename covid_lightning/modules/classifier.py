@@ -57,6 +57,8 @@ class XRayClassifier(XRayModule):
         class_weights: per-class loss weights, or ``balanced`` to take them from the datamodule's
             train split at fit time.
         label_smoothing: cross-entropy label smoothing.
+        backbone_lr_factor: the trainable backbone layers get ``lr * backbone_lr_factor`` (the head the
+            optimizer's ``lr``): gentle fine-tuning of pretrained layers.
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
         lr_scheduler: optional LR scheduler factory; ``scheduler_interval`` is ``epoch`` or ``step``.
         memory_format: ``channels_last`` (default, faster convolutions) or ``contiguous``.
@@ -82,6 +84,7 @@ class XRayClassifier(XRayModule):
         trainable: str = "head",
         class_weights: Sequence[float] | Literal["balanced"] | None = None,
         label_smoothing: float = 0.0,
+        backbone_lr_factor: float = 1.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -147,6 +150,15 @@ class XRayClassifier(XRayModule):
         if weight.numel() != num_classes:
             raise ValueError(f"class_weights has {weight.numel()} values, expected {num_classes}.")
         return weight
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Head and trainable backbone parameters; the backbone group is scaled by ``backbone_lr_factor``."""
+        head = [p for p in self.net.head.parameters() if p.requires_grad]
+        backbone = [p for p in self.net.backbone.parameters() if p.requires_grad]
+        groups = [{"params": head, "name": "head"}]
+        if backbone:
+            groups.append({"params": backbone, "name": "backbone", "lr_factor": self.hparams.backbone_lr_factor})
+        return groups
 
     @property
     def preprocess(self) -> dict[str, Any]:
