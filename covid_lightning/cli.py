@@ -42,6 +42,28 @@ class CovidLightningCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         share_logger_version(self.trainer.loggers)
 
+    def _attach_lung_masks(self, stage: str) -> None:
+        """``data.lung_segmenter`` set: predict (once, cached) the lung masks the DataModule will read."""
+        datamodule = self.datamodule
+        ckpt = datamodule.hparams.get("lung_segmenter") if datamodule is not None else None
+        if ckpt:
+            from covid_lightning.lungs import attach_lung_masks
+
+            folder = attach_lung_masks(datamodule, ckpt, stage=stage)
+            log.info("Lung masks of %s: %s", ckpt, folder)
+
+    def before_fit(self) -> None:
+        self._attach_lung_masks("fit")
+
+    def before_validate(self) -> None:
+        self._attach_lung_masks("validate")
+
+    def before_test(self) -> None:
+        self._attach_lung_masks("test")
+
+    def before_predict(self) -> None:
+        self._attach_lung_masks("predict")
+
 
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16/AMX); without them a bf16
@@ -92,6 +114,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "check-data": "covid_lightning.data.hygiene:main",
     "download": "covid_lightning.download:main",
     "export": "covid_lightning.export:main",
+    "lungmasks": "covid_lightning.lungs:main",
     "serve": "covid_lightning.serve:main",
 }
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 from covid_lightning.data.datasets import EpochSampler, ImageFolderDataset, XRayDataset
 from covid_lightning.data.demo import default_demo_dir, make_demo_dataset
 from covid_lightning.data.hygiene import Screening, inspection_cache_file, screen_records
+from covid_lightning.data.roi import ROI_MODES, LungRoi
 from covid_lightning.data.scan import (
     CLASSES,
     DatasetError,
@@ -63,6 +64,12 @@ class XRayDataModule(L.LightningDataModule):
             before training, listing each unreadable file and why; ``skip`` drops, counts and logs them.
         duplicates: ``near`` (exact + perceptual-hash duplicates), ``exact`` or ``none``: duplicate
             groups are kept within one split, so a re-encoded copy cannot leak from train to val.
+        lung_masks: folder of predicted lung masks (``covid-lightning lungmasks``): the classifier sees
+            the lungs only, at train, validation, test and predict time.
+        lung_segmenter: a LungSegmenter checkpoint: the CLI computes (once, cached) the lung masks of
+            every image and sets ``lung_masks``.
+        lung_roi: ``crop`` (the lungs' bounding box), ``mask`` (zero outside the lungs) or ``crop_mask``.
+        lung_margin: margin around the lungs, a fraction of the box size (crop) or image size (mask).
     """
 
     with_masks = False
@@ -82,10 +89,20 @@ class XRayDataModule(L.LightningDataModule):
         demo_size: int = 100,
         on_bad_file: Literal["error", "skip"] = "error",
         duplicates: Literal["near", "exact", "none"] = "near",
+        lung_masks: str | None = None,
+        lung_segmenter: str | None = None,
+        lung_roi: Literal["crop", "mask", "crop_mask"] = "crop",
+        lung_margin: float = 0.1,
     ) -> None:
         super().__init__()
         if augment not in AUGMENTS:
             raise ValueError(f"Unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}.")
+        if lung_roi not in ROI_MODES:
+            raise ValueError(f"Unknown lung_roi {lung_roi!r}; choose one of {', '.join(ROI_MODES)}.")
+        if lung_margin < 0:
+            raise ValueError(f"lung_margin must be >= 0, got {lung_margin}.")
+        if self.with_masks and (lung_masks or lung_segmenter):
+            raise ValueError("lung_masks/lung_segmenter apply to classification data, not to lung segmentation.")
         self.save_hyperparameters()
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, Any] = {}
@@ -103,6 +120,18 @@ class XRayDataModule(L.LightningDataModule):
     def _resolve_root(self) -> Path:
         root = self.hparams.root
         return find_dataset_root(self._demo_root() if root is None else root)
+
+    def _roi(self) -> LungRoi | None:
+        """The lung ROI loader when ``lung_masks`` is set (directly or by the CLI from ``lung_segmenter``)."""
+        hp = self.hparams
+        if hp.get("lung_segmenter") and not hp.get("lung_masks"):
+            raise DatasetError(
+                "data.lung_segmenter is set but no lung masks were computed: call "
+                "covid_lightning.lungs.attach_lung_masks(datamodule, ckpt) before setup (the CLI does)."
+            )
+        if not hp.get("lung_masks"):
+            return None
+        return LungRoi(hp.lung_masks, hp.get("lung_roi", "crop"), hp.get("lung_margin", 0.1))
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.hparams.predict_root is not None:
@@ -141,13 +170,13 @@ class XRayDataModule(L.LightningDataModule):
             base,
             ", ".join(f"{s}={len(v)}" for s, v in self.records.items()),
         )
-        size, aug = self.hparams.image_size, self.hparams.augment
+        size, aug, roi = self.hparams.image_size, self.hparams.augment, self._roi()
         self.datasets = {
             "train": XRayDataset(
-                self.records["train"], build_transform(size, train=True, augment=aug), self.with_masks
+                self.records["train"], build_transform(size, train=True, augment=aug), self.with_masks, roi=roi
             ),
-            "val": XRayDataset(self.records["val"], eval_transform(size), self.with_masks),
-            "test": XRayDataset(self.records["test"], eval_transform(size), self.with_masks),
+            "val": XRayDataset(self.records["val"], eval_transform(size), self.with_masks, roi=roi),
+            "test": XRayDataset(self.records["test"], eval_transform(size), self.with_masks, roi=roi),
         }
 
     def _screen(self, records: list[Record], base: Path, duplicates: str | None = None) -> Screening:
@@ -179,7 +208,7 @@ class XRayDataModule(L.LightningDataModule):
             [Record(p, 0) for p in paths], on_bad_file=self.hparams.on_bad_file, duplicates="none"
         )
         paths = [r.path for r in screened.records]
-        self.datasets["predict"] = ImageFolderDataset(paths, eval_transform(self.hparams.image_size))
+        self.datasets["predict"] = ImageFolderDataset(paths, eval_transform(self.hparams.image_size), roi=self._roi())
 
     # statistics ------------------------------------------------------------------------------
     @property

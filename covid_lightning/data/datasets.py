@@ -6,11 +6,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from covid_lightning.data.scan import Record
 from covid_lightning.data.transforms import load_image, load_mask
+
+#: ``(image HxWx3 uint8, image path) -> image``, applied right after decoding (e.g. ``data.roi.LungRoi``).
+ImageHook = Callable[[np.ndarray, Path], np.ndarray]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -53,7 +57,8 @@ class XRayDataset(Dataset):
     With ``masks=True`` every record must carry a mask; the sample then also has ``mask``, a float
     tensor of shape (1, H, W) with values {0, 1}, aligned with the image by the same transform.
     With ``seed`` set, the transform is reseeded per sample from (seed, epoch, index), where indices
-    at or beyond ``len(self)`` carry the epoch (see :class:`EpochSampler`).
+    at or beyond ``len(self)`` carry the epoch (see :class:`EpochSampler`). ``roi`` (e.g. the lungs only)
+    is applied to the decoded image before the transform; it cannot be combined with ``masks``.
     """
 
     def __init__(
@@ -62,11 +67,15 @@ class XRayDataset(Dataset):
         transform: Callable[..., dict],
         masks: bool = False,
         seed: int | None = None,
+        roi: ImageHook | None = None,
     ) -> None:
+        if masks and roi is not None:
+            raise ValueError("A lung ROI cannot be applied to a segmentation dataset (the masks would not follow).")
         self.records = list(records)
         self.transform = transform
         self.masks = masks
         self.seed = seed
+        self.roi = roi
 
     def __len__(self) -> int:
         return len(self.records)
@@ -77,6 +86,8 @@ class XRayDataset(Dataset):
             self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         rec = self.records[index]
         image = load_image(rec.path)
+        if self.roi is not None:
+            image = self.roi(image, rec.path)
         if self.masks:
             out = self.transform(image=image, mask=load_mask(rec.mask_path))
             mask = out["mask"].to(torch.float32).unsqueeze(0)
@@ -86,19 +97,26 @@ class XRayDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Any folder of images (recursive, PNG/JPEG) for prediction: ``image``, ``path``, ``size`` (H, W)."""
+    """Any folder of images (recursive, PNG/JPEG) for prediction: ``image``, ``path``, ``size`` (H, W).
 
-    def __init__(self, paths: Sequence[Path], transform: Callable[..., dict]) -> None:
+    ``roi`` is applied to the decoded image before the transform; ``size`` stays the original image's.
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[..., dict], roi: ImageHook | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.roi = roi
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = load_image(self.paths[index])
+        size = torch.tensor(image.shape[:2])
+        if self.roi is not None:
+            image = self.roi(image, self.paths[index])
         out = self.transform(image=image)
-        return {"image": out["image"], "path": str(self.paths[index]), "size": torch.tensor(image.shape[:2])}
+        return {"image": out["image"], "path": str(self.paths[index]), "size": size}
 
 
 class FeatureDataset(Dataset):

@@ -1,0 +1,129 @@
+"""Lung masks predicted once per image by a segmenter checkpoint and cached."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from covid_lightning import lungs
+from covid_lightning.data.roi import LungRoi, roi_mask_name
+from covid_lightning.inference import load_checkpoint, segment
+from covid_lightning.lungs import attach_lung_masks, checkpoint_key, main, predict_lung_masks
+from covid_lightning.modules.segmenter import LungSegmenter
+
+
+@pytest.fixture
+def images(demo_root: Path, tmp_path: Path) -> list[Path]:
+    """Three demo images in a nested folder of their own (one resized to a non-square size)."""
+    folder = tmp_path / "imgs" / "sub"
+    folder.mkdir(parents=True)
+    out = []
+    for cls in ("COVID", "Normal", "Viral Pneumonia"):
+        src = sorted((demo_root / cls / "images").glob("*.png"))[0]
+        out.append(Path(shutil.copy(src, folder / src.name)))
+    with Image.open(out[1]) as im:
+        im.resize((180, 140)).save(out[1])
+    return out
+
+
+@pytest.fixture
+def count_forward(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes seen by LungSegmenter.forward."""
+    seen: list[int] = []
+    forward = LungSegmenter.forward
+
+    def counting(self: LungSegmenter, x: torch.Tensor) -> torch.Tensor:
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(LungSegmenter, "forward", counting)
+    return seen
+
+
+def test_masks_once_per_image_at_original_size(
+    segmenter_ckpt: Path, images: list[Path], tmp_path: Path, count_forward: list[int]
+) -> None:
+    folder = predict_lung_masks(segmenter_ckpt, [*images, images[0]], cache_root=tmp_path / "cache", batch_size=2)
+    assert folder == tmp_path / "cache" / checkpoint_key(segmenter_ckpt)
+    assert len(checkpoint_key(segmenter_ckpt)) == 16
+    assert count_forward == [2, 1]  # the duplicate is computed once
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(roi_mask_name(p) for p in images)
+    model = load_checkpoint(segmenter_ckpt)
+    for path in images:
+        with Image.open(folder / roi_mask_name(path)) as m, Image.open(path) as im:
+            assert m.size == im.size
+            mask = np.asarray(m)
+        assert set(np.unique(mask)) <= {0, 255}
+        expected = segment(model, path).astype(np.uint8) * 255  # same computation as inference.segment
+        assert (mask != expected).mean() < 1e-3  # batched vs single forward: float noise at most
+
+
+def test_second_call_decodes_nothing_and_changed_images_are_recomputed(
+    segmenter_ckpt: Path, images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    folder = predict_lung_masks(segmenter_ckpt, images, cache_root=cache)
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the segmenter ran on a cached image")
+
+    with monkeypatch.context() as m:
+        m.setattr(LungSegmenter, "forward", fail)
+        m.setattr(lungs, "load_checkpoint", fail)
+        m.setattr(lungs, "load_image", fail)
+        assert predict_lung_masks(segmenter_ckpt, images, cache_root=cache) == folder
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("*.png")} == stamps
+
+    # one image changes: only its mask is recomputed
+    changed = images[0]
+    with Image.open(images[2]) as im:
+        im.save(changed)
+    old_mask = folder / roi_mask_name(changed)
+    earlier = changed.stat().st_mtime_ns - 2_000_000_000  # the image was rewritten after its mask
+    os.utime(old_mask, ns=(earlier, earlier))
+    stamps[old_mask] = earlier
+    seen: list[int] = []
+    forward = LungSegmenter.forward
+    monkeypatch.setattr(LungSegmenter, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    predict_lung_masks(segmenter_ckpt, images, cache_root=cache)
+    assert seen == [1]
+    after = {p: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    assert after[old_mask] >= changed.stat().st_mtime_ns
+    assert {p: t for p, t in after.items() if p.name != roi_mask_name(changed)} == {
+        p: t for p, t in stamps.items() if p.name != roi_mask_name(changed)
+    }
+    predict_lung_masks(segmenter_ckpt, images, cache_root=cache)
+    assert seen == [1]  # fresh again
+    assert LungRoi(folder, "crop")(np.zeros((299, 299, 3), np.uint8), changed).ndim == 3  # readable by the loader
+
+
+def test_main_prints_the_folder(segmenter_ckpt: Path, images: list[Path], tmp_path: Path, capsys) -> None:
+    root = images[0].parents[1]
+    assert main(["--ckpt", str(segmenter_ckpt), "--root", str(root), "--out", str(tmp_path / "c")]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert folder == tmp_path / "c" / checkpoint_key(segmenter_ckpt)
+    assert len(list(folder.glob("*.png"))) == len(images)
+    assert main(["--ckpt", str(segmenter_ckpt), "--root", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_attach_lung_masks_covers_the_dataset(
+    segmenter_ckpt: Path, demo_root: Path, images: list[Path], tmp_path: Path
+) -> None:
+    from covid_lightning import RadiographyDataModule
+    from covid_lightning.data.scan import scan_dataset
+
+    dm = RadiographyDataModule(root=str(demo_root), image_size=64, predict_root=str(images[0].parents[1]))
+    folder = attach_lung_masks(dm, segmenter_ckpt, cache_root=tmp_path / "cache", stage="fit")
+    assert dm.hparams.lung_masks == str(folder)
+    records = scan_dataset(demo_root, check_files=False)
+    assert {p.name for p in folder.glob("*.png")} == {roi_mask_name(r.path) for r in records}  # no GT masks
+    attach_lung_masks(dm, segmenter_ckpt, cache_root=tmp_path / "cache", stage="predict")
+    assert len(list(folder.glob("*.png"))) == len(records) + len(images)
