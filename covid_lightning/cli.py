@@ -115,6 +115,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "download": "covid_lightning.download:main",
     "export": "covid_lightning.export:main",
     "lungmasks": "covid_lightning.lungs:main",
+    "optimize": "covid_lightning.data.streaming:main",
     "serve": "covid_lightning.serve:main",
 }
 

@@ -70,6 +70,10 @@ class XRayDataModule(L.LightningDataModule):
             every image and sets ``lung_masks``.
         lung_roi: ``crop`` (the lungs' bounding box), ``mask`` (zero outside the lungs) or ``crop_mask``.
         lung_margin: margin around the lungs, a fraction of the box size (crop) or image size (mask).
+        cache_images: ``memory`` or ``disk``: decode and resize every image (and mask) once, then serve
+            epochs from the cache (invalidated when a file changes); ``none`` decodes every time.
+        streaming: a LitData optimized dataset (folder or object-store URL written by
+            ``covid-lightning optimize``) to stream train/val/test from instead of ``root``.
     """
 
     with_masks = False
@@ -93,6 +97,8 @@ class XRayDataModule(L.LightningDataModule):
         lung_segmenter: str | None = None,
         lung_roi: Literal["crop", "mask", "crop_mask"] = "crop",
         lung_margin: float = 0.1,
+        streaming: str | None = None,
+        cache_images: Literal["none", "memory", "disk"] = "none",
     ) -> None:
         super().__init__()
         if augment not in AUGMENTS:
@@ -137,7 +143,10 @@ class XRayDataModule(L.LightningDataModule):
         if stage == "predict" and self.hparams.predict_root is not None:
             self._setup_predict()
             return
-        if self.records:
+        if "train" in self.datasets:
+            return
+        if self.hparams.streaming:
+            self._setup_streaming()
             return
         base = self._resolve_root()
         self.dataset_root = base
@@ -171,13 +180,57 @@ class XRayDataModule(L.LightningDataModule):
             ", ".join(f"{s}={len(v)}" for s, v in self.records.items()),
         )
         size, aug, roi = self.hparams.image_size, self.hparams.augment, self._roi()
-        self.datasets = {
-            "train": XRayDataset(
-                self.records["train"], build_transform(size, train=True, augment=aug), self.with_masks, roi=roi
-            ),
-            "val": XRayDataset(self.records["val"], eval_transform(size), self.with_masks, roi=roi),
-            "test": XRayDataset(self.records["test"], eval_transform(size), self.with_masks, roi=roi),
+        caches = self._decoded_caches(records) if self.hparams.cache_images != "none" else {}
+        position = {r.path: i for i, r in enumerate(records)}
+        transforms = {
+            "train": build_transform(size, train=True, augment=aug),
+            "val": eval_transform(size),
+            "test": eval_transform(size),
         }
+        self.datasets = {
+            split: XRayDataset(
+                self.records[split],
+                transforms[split],
+                self.with_masks,
+                roi=roi,
+                cache_index=[position[r.path] for r in self.records[split]] if caches else None,
+                **caches,
+            )
+            for split in SPLITS
+        }
+
+    def _decoded_caches(self, records: list[Record]) -> dict[str, Any]:
+        """One decoded, resized cache over every screened record (scan order: stable across splits/seeds)."""
+        from covid_lightning.data.image_cache import DecodedCache
+
+        if self.hparams.get("lung_masks") or self.hparams.get("lung_segmenter"):
+            raise ValueError("cache_images cannot be combined with lung_masks (the ROI needs the original image).")
+        storage, size = self.hparams.cache_images, self.hparams.image_size
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1 and trainer.local_rank != 0:
+            trainer.strategy.barrier()  # local rank 0 builds the disk cache first; the others then reopen it
+        caches = {"image_cache": DecodedCache.build([r.path for r in records], size, storage=storage)}
+        if self.with_masks:
+            caches["mask_cache"] = DecodedCache.build(
+                [r.mask_path for r in records], size, kind="mask", storage=storage
+            )
+        if trainer is not None and trainer.world_size > 1 and trainer.local_rank == 0:
+            trainer.strategy.barrier()
+        return caches
+
+    def _setup_streaming(self) -> None:
+        """Datasets read from a LitData optimized dataset (``covid-lightning optimize``) instead of files."""
+        from covid_lightning.data.streaming import read_meta, streaming_datasets
+
+        url, size, aug = self.hparams.streaming, self.hparams.image_size, self.hparams.augment
+        transforms = {
+            "train": build_transform(size, train=True, augment=aug),
+            "val": eval_transform(size),
+            "test": eval_transform(size),
+        }
+        self.datasets = streaming_datasets(url, transforms=transforms, masks=self.with_masks, seed=self.run_seed)
+        self._streaming_counts = read_meta(url)["class_counts"].get("train", {})
+        log.info("%s streams %s: %s", type(self).__name__, url, {k: len(v) for k, v in self.datasets.items()})
 
     def _screen(self, records: list[Record], base: Path, duplicates: str | None = None) -> Screening:
         """Decode every file once (cached per file across runs): bad files, duplicate groups."""
@@ -214,6 +267,8 @@ class XRayDataModule(L.LightningDataModule):
     @property
     def class_counts(self) -> dict[str, int]:
         """Images per class in the train split (after ``setup``)."""
+        if self.hparams.streaming:
+            return {name: int(self._streaming_counts.get(name, 0)) for name in CLASSES}
         return class_counts(self.records["train"])
 
     @property
@@ -234,6 +289,10 @@ class XRayDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"No {split} data: call setup() first (or set predict_root for predict).")
         workers = default_num_workers() if self.hparams.num_workers is None else self.hparams.num_workers
+        if self.hparams.streaming and split != "predict":
+            from covid_lightning.data.streaming import streaming_loader
+
+            return streaming_loader(self.datasets[split], self.hparams.batch_size, workers)
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
@@ -245,6 +304,8 @@ class XRayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by :class:`EpochSampler` (order and augmentation a function of seed and epoch)."""
+        if self.hparams.streaming:
+            return self._loader("train")
         dataset = self.datasets.get("train")
         if dataset is None:
             raise RuntimeError("No train data: call setup() first.")
@@ -308,6 +369,8 @@ class LungSegmentationDataModule(XRayDataModule):
         demo_size: int = 100,
         on_bad_file: Literal["error", "skip"] = "error",
         duplicates: Literal["near", "exact", "none"] = "near",
+        streaming: str | None = None,
+        cache_images: Literal["none", "memory", "disk"] = "none",
     ) -> None:
         super().__init__(
             root=root,
@@ -323,4 +386,6 @@ class LungSegmentationDataModule(XRayDataModule):
             demo_size=demo_size,
             on_bad_file=on_bad_file,
             duplicates=duplicates,
+            streaming=streaming,
+            cache_images=cache_images,
         )

@@ -59,6 +59,8 @@ class XRayDataset(Dataset):
     With ``seed`` set, the transform is reseeded per sample from (seed, epoch, index), where indices
     at or beyond ``len(self)`` carry the epoch (see :class:`EpochSampler`). ``roi`` (e.g. the lungs only)
     is applied to the decoded image before the transform; it cannot be combined with ``masks``.
+    ``image_cache``/``mask_cache`` (:class:`~covid_lightning.data.image_cache.DecodedCache`, indexed by
+    ``cache_index[i]``) replace decoding with a lookup of the already resized arrays.
     """
 
     def __init__(
@@ -68,14 +70,21 @@ class XRayDataset(Dataset):
         masks: bool = False,
         seed: int | None = None,
         roi: ImageHook | None = None,
+        image_cache: Any = None,
+        mask_cache: Any = None,
+        cache_index: Sequence[int] | None = None,
     ) -> None:
         if masks and roi is not None:
             raise ValueError("A lung ROI cannot be applied to a segmentation dataset (the masks would not follow).")
+        if image_cache is not None and (roi is not None or cache_index is None):
+            raise ValueError("A decoded-image cache needs cache_index and cannot be combined with a lung ROI.")
         self.records = list(records)
         self.transform = transform
         self.masks = masks
         self.seed = seed
         self.roi = roi
+        self.image_cache, self.mask_cache = image_cache, mask_cache
+        self.cache_index = list(cache_index) if cache_index is not None else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,11 +94,18 @@ class XRayDataset(Dataset):
         if self.seed is not None:
             self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         rec = self.records[index]
-        image = load_image(rec.path)
+        if self.image_cache is not None:  # decoded and resized once (data.cache_images)
+            image = self.image_cache[self.cache_index[index]]
+        else:
+            image = load_image(rec.path)
         if self.roi is not None:
             image = self.roi(image, rec.path)
         if self.masks:
-            out = self.transform(image=image, mask=load_mask(rec.mask_path))
+            if self.mask_cache is not None:
+                mask = self.mask_cache[self.cache_index[index]]
+            else:
+                mask = load_mask(rec.mask_path)
+            out = self.transform(image=image, mask=mask)
             mask = out["mask"].to(torch.float32).unsqueeze(0)
             return {"image": out["image"], "mask": mask, "label": rec.label, "path": str(rec.path)}
         out = self.transform(image=image)
