@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 
 from covid_lightning.data.datamodules import XRayDataModule  # noqa: E402
 from covid_lightning.modules.base import XRayModule  # noqa: E402
+from covid_lightning.runtime import tune_cpu_allocator  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> CovidLight
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console scripts."""
     args = list(sys.argv[1:] if argv is None else argv)
+    tune_cpu_allocator()
     if args and args[0] in EXTRA_COMMANDS:
         return run_extra_command(args[0], args[1:])
     if args and args[0] in ("-h", "--help"):

@@ -1,0 +1,146 @@
+"""scripts/benchmark.py (covid_lightning.benchmark): a smoke run at tiny sizes, and its small pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from covid_lightning import benchmark as bm
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_writes_every_section(demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "b.json"
+    # one thread: a smoke test on a busy 2-core machine stays fast (two spinning OpenMP threads do not)
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--data.root", str(demo_root)]
+    threads = bm.torch.get_num_threads()
+    assert bm.main([*argv, "--json", str(out), "--sections", "loader,train,infer,memory"]) == 0
+    assert bm.torch.get_num_threads() == threads  # --threads applies for the run only
+    result = json.loads(out.read_text())
+
+    machine = result["machine"]
+    assert machine["cpu"] and machine["torch"] and machine["lightning"]
+    assert machine["torch_threads"] == 1 and machine["usable_cpus"] >= 1
+    assert isinstance(machine["cpu_fast_bf16"], bool)
+
+    sections = result["sections"]
+    assert list(sections) == ["loader", "train", "infer", "memory"]
+
+    loader = {(r["datamodule"], r["workers"]): r for r in sections["loader"]}
+    assert set(loader) == {(dm, w) for dm in ("RadiographyDataModule", "LungSegmentationDataModule") for w in (0, 1)}
+    assert all(_positive(r["img_s"]) and _positive(r["ms_per_batch"]) for r in loader.values())
+
+    train = {(r["model"], r["case"], r["memory_format"], r["precision"]): r for r in sections["train"]}
+    assert set(train) == {
+        ("classifier", "head", "channels_last", "32-true"),
+        ("classifier", "last_2_conv", "channels_last", "32-true"),
+        ("classifier", "all", "channels_last", "32-true"),
+        ("unet", "train", "channels_last", "32-true"),
+    }
+    for row in train.values():
+        assert all(_positive(row[k]) for k in ("plain_ms", "step_ms", "fit_ms", "hook_ms", "fit_img_s", "first_step_s"))
+        assert row["hook_ms"] <= row["fit_ms"] * 1.5  # a part of the cycle (up to timing noise)
+        assert math.isfinite(row["overhead"]) and row["overhead"] > -1
+        assert math.isfinite(row["trainer_overhead"]) and row["trainer_overhead"] > -1
+        assert row["keras_ms"] is None  # not the lab's sizes
+
+    infer = {(r["model"], r["variant"], r["memory_format"]): r for r in sections["infer"]}
+    for model in ("classifier", "unet"):
+        for key in [(model, "eager", "contiguous"), (model, "eager", "channels_last"), (model, "onnxruntime", "-")]:
+            assert _positive(infer[key]["img_s"]), key
+        assert _positive(infer[(model, "onnxruntime", "-")]["setup_s"])
+
+    memory = {r["case"]: r for r in sections["memory"]}
+    assert set(memory) == {
+        "train classifier head",
+        "train classifier last_2_conv",
+        "train classifier all",
+        "train unet",
+        "infer classifier",
+        "infer unet",
+    }
+    assert all(_positive(r["rss_peak_mib"]) for r in memory.values())
+    assert all(_positive(v) for v in result["process_peak_rss_mib"].values())
+
+    printed = capsys.readouterr().out
+    for text in ("fast bf16", "memory   ", "fit ms", "+metrics ms", "img/s", "RSS peak MiB", "total"):
+        assert text in printed
+
+
+def test_settings_defaults_and_quick() -> None:
+    full = bm.parse_settings(["--device", "cpu"])
+    assert (full.classifier_batch, full.classifier_size, full.unet_batch, full.unet_size, full.infer_batch) == (
+        32,
+        224,
+        16,
+        128,
+        64,
+    )
+    assert full.at_reference_sizes and full.memory_formats == ("channels_last", "contiguous")
+    assert full.precisions == bm.default_precisions(bm.resolve_device("cpu"))
+    assert full.precisions[0] == "32-true" and "16-mixed" not in full.precisions
+    from covid_lightning.data.datamodules import default_num_workers
+
+    assert default_num_workers() in full.workers and 0 in full.workers
+
+    quick = bm.parse_settings(["--quick", "--device", "cpu", "--unet-size", "48", "--sections", "infer,train"])
+    assert quick.classifier_size == bm.QUICK["classifier_size"] and quick.unet_size == 48
+    assert quick.sections == ("train", "infer") and not quick.at_reference_sizes
+    assert quick.malloc == "default" and bm.parse_settings(["--malloc", "heap"]).malloc == "heap"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--sections", "train,gpu"], ["--workers", "one"], ["--precision", "fp8"], ["--device", "tpu"]]
+)
+def test_bad_options_are_rejected(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        bm.parse_settings(argv)
+
+
+def test_16_mixed_needs_cuda() -> None:
+    with pytest.raises(SystemExit, match="CUDA"):
+        bm.parse_settings(["--device", "cpu", "--precision", "32-true,16-mixed"])
+
+
+def test_keras_reference_only_at_the_labs_sizes() -> None:
+    lab = bm.Settings()
+    assert bm.keras_reference("train", "classifier", "all", "32-true", lab) == 435.0
+    assert bm.keras_reference("infer", "unet", "infer", "bf16-mixed", lab) == 237.0
+    smaller = bm.Settings(classifier_size=128)
+    assert bm.keras_reference("train", "classifier", "all", "32-true", smaller) is None
+
+
+def test_time_calls_and_median() -> None:
+    calls = []
+    timing = bm.time_calls(lambda: calls.append(1), warmup=2, repeats=3, device=bm.torch.device("cpu"))
+    assert len(calls) == 5 and len(timing.times) == 3 and all(t >= 0 for t in timing.times)
+    assert math.isnan(timing.kernel) or 0 <= timing.kernel <= 1
+    assert bm.median([3.0, 1.0, 2.0]) == 2.0 and math.isnan(bm.median([]))
+    assert bm.spread([1.0, 2.0, 3.0]) == 1.0
+
+
+def test_format_table_aligns_and_marks_missing_values() -> None:
+    columns = [bm.Column("name", "name"), bm.Column("ms", "ms", ".1f"), bm.Column("ref", "ref", ".0f")]
+    text = bm.format_table([{"name": "a", "ms": 1.25, "ref": None}, {"name": "long name", "ms": 10.0}], columns)
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "ms", "ref"]
+    assert lines[2].split() == ["a", "1.2", "-"] and lines[3].split() == ["long", "name", "10.0", "-"]
+    assert len({len(line) for line in lines[:2]}) == 1  # header and rule have the same width
+
+
+def test_json_is_strict(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    bm.write_json({"a": float("nan"), "b": (1, float("inf")), "c": 1.5}, str(path))
+    assert json.loads(path.read_text()) == {"a": None, "b": [1, None], "c": 1.5}
+
+
+def test_machine_info_has_the_header_fields() -> None:
+    info = bm.machine_info(bm.torch.device("cpu"))
+    header = bm.format_header(info, bm.Settings())
+    assert info["cpu"] in header and f"torch {info['torch_threads']}" in header and info["gpu"] is None
