@@ -125,14 +125,18 @@ def write_outputs(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str],
     header = ["row", *keys, "train time (s)", "seeds"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in summarize(runs, rows, keys)]
-    lines += ["", "Overrides per row:", ""] + [f"- **{r.name}**: `{' '.join(r.args) or '(the config as is)'}`" for r in rows]
+    lines += ["", "Overrides per row:", ""] + [
+        f"- **{r.name}**: `{' '.join(r.args) or '(the config as is)'}`" for r in rows
+    ]
     md = out / "ablation.md"
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with (out / "runs.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["row", "seed", *keys, "train_time_s", "best_epoch", "log_dir"])
         for r in runs:
-            w.writerow([r.row, r.seed, *(r.metrics.get(k, "") for k in keys), f"{r.seconds:.1f}", r.best_epoch, r.log_dir])
+            w.writerow(
+                [r.row, r.seed, *(r.metrics.get(k, "") for k in keys), f"{r.seconds:.1f}", r.best_epoch, r.log_dir]
+            )
     return md
 
 
