@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_naming_the_step(demo_root: Path, tmp_path: Path):
 @pytest.mark.parametrize(
     ("args", "names"),
     [
-        ({"trainable": "everything"}, "head, last_conv, last_2_conv, all"),
+        ({"trainable": "everything"}, "head, last_conv, last_2_conv, last_4_blocks, all"),
         ({"backbone": "mobilenetv2_05"}, "mobilenetv2_050"),
     ],
 )

@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class FrozenFeatureCache(L.Callback):
-    """In the ``head``, ``last_conv`` and ``last_2_conv`` regimes most of the backbone is frozen (BN in
-    inference mode) and, without train-time augmentation, gives the same output for an image every
+    """In the ``head``, ``last_conv``, ``last_2_conv`` and ``last_4_blocks`` regimes most of the backbone
+    is frozen (BN in inference mode) and, without train-time augmentation, gives the same output for an image every
     epoch. This callback runs that frozen prefix once over the train and val images at the start of
     ``fit`` (in eval mode: frozen BN statistics untouched) and hands the DataModule datasets of cached
     activations (``head``: the 1280-d pooled features; otherwise the input of the first trainable layer),
@@ -49,7 +49,7 @@ class FrozenFeatureCache(L.Callback):
             return "needs an XRayClassifier trained with a covid-lightning DataModule"
         if any(type(cb).__name__ == "StagedUnfreeze" for cb in trainer.callbacks):
             return "staged unfreezing changes which layers are frozen during the run"
-        if net.trainable not in ("head", "last_conv", "last_2_conv") or not net.can_split():
+        if net.trainable == "all" or not net.can_split():
             return f"regime {net.trainable!r} on {type(net.backbone).__name__} has no frozen prefix to cache"
         if dm.hparams.get("augment", "none") != "none":
             return f"train-time augmentation ({dm.hparams.augment!r}) makes the frozen prefix's output vary"

@@ -23,6 +23,11 @@ KERAS_TO_TIMM: dict[str, str] = {
     "Conv_1_bn": "bn2",
     "block_16_project": "blocks.6.0.conv_pwl",
     "block_16_project_BN": "blocks.6.0.bn3",
+    # whole inverted-residual blocks (expand, depthwise, project and their BN)
+    "block_13": "blocks.5.0",
+    "block_14": "blocks.5.1",
+    "block_15": "blocks.5.2",
+    "block_16": "blocks.6.0",
 }
 
 #: Trainable backbone layers per regime, in Keras names (the head is always trainable).
@@ -31,6 +36,8 @@ REGIMES: dict[str, tuple[str, ...]] = {
     "head": (),
     "last_conv": ("Conv_1", "Conv_1_bn"),
     "last_2_conv": ("block_16_project", "block_16_project_BN", "Conv_1", "Conv_1_bn"),
+    # beyond the lab: the last four inverted-residual blocks (the 7x7 stage) + Conv_1; still cacheable
+    "last_4_blocks": ("block_13", "block_14", "block_15", "block_16", "Conv_1", "Conv_1_bn"),
     "all": ("*",),
 }
 
@@ -229,9 +236,14 @@ class XRayNet(nn.Module):
         if regime == "head":
             return True
         needs = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
-        if regime not in ("last_conv", "last_2_conv") or not all(hasattr(self.backbone, n) for n in needs):
+        if regime not in ("last_conv", "last_2_conv", "last_4_blocks") or not all(
+            hasattr(self.backbone, n) for n in needs
+        ):
             return False
-        last = self.backbone.blocks[-1]
+        blocks = self.backbone.blocks
+        if regime == "last_4_blocks":  # MobileNetV2's 7 stages, the 6th with 3 blocks (Keras block_13..15)
+            return len(blocks) == 7 and len(blocks[5]) == 3 and len(blocks[6]) == 1
+        last = blocks[-1]
         return regime == "last_conv" or (len(last) == 1 and hasattr(last[0], "conv_pwl") and not last[0].has_skip)
 
     @torch.no_grad()
@@ -239,7 +251,8 @@ class XRayNet(nn.Module):
         """The frozen part of ``regime``: its output is the input of the first trainable layer.
 
         ``head``: pooled features (N, 1280); ``last_conv``: the input of Keras ``Conv_1`` (N, 160, 7, 7);
-        ``last_2_conv``: the input of ``block_16_project`` (N, 480, 7, 7) (MobileNetV2-050 at 224 px).
+        ``last_2_conv``: the input of ``block_16_project`` (N, 480, 7, 7); ``last_4_blocks``: the input of
+        ``block_13`` (N, 48, 14, 14) (MobileNetV2-050 at 224 px).
         Run in eval mode, it is a pure function of the image: cacheable across epochs.
         """
         regime = regime or self.trainable
@@ -251,6 +264,8 @@ class XRayNet(nn.Module):
         x = b.bn1(b.conv_stem(self.normalize(x)))
         if regime == "last_conv":
             return b.blocks(x)
+        if regime == "last_4_blocks":
+            return b.blocks[:5](x)
         x = b.blocks[:-1](x)
         blk = b.blocks[-1][0]
         if getattr(blk, "conv_s2d", None) is not None:
@@ -266,4 +281,6 @@ class XRayNet(nn.Module):
         if regime == "last_2_conv":
             blk = b.blocks[-1][0]
             z = blk.bn3(blk.conv_pwl(z))
+        elif regime == "last_4_blocks":
+            z = b.blocks[5:](z)
         return self.head(b.forward_head(b.bn2(b.conv_head(z))))

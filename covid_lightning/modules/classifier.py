@@ -52,7 +52,7 @@ class XRayClassifier(XRayModule):
         image_size: square input size (linked from ``data.image_size`` by the CLI; stored for inference).
         hidden_sizes: widths of the head's hidden Dense layers.
         dropout: dropout after each hidden Dense layer.
-        trainable: ``head``, ``last_conv``, ``last_2_conv`` (the lab's regimes) or ``all``. Frozen
+        trainable: ``head``, ``last_conv``, ``last_2_conv`` (the lab's regimes), ``last_4_blocks`` or ``all``. Frozen
             layers keep BatchNorm in inference mode for the whole run.
         class_weights: per-class loss weights, or ``balanced`` to take them from the datamodule's
             train split at fit time.

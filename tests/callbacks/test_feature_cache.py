@@ -30,7 +30,7 @@ def _fit(demo_root: Path, tmp_path: Path, regime: str, cache: bool, augment: str
     return model, dm, trainer, stats
 
 
-@pytest.mark.parametrize("regime", ["head", "last_2_conv"])
+@pytest.mark.parametrize("regime", ["head", "last_2_conv", "last_4_blocks"])
 def test_cached_path_matches_uncached(demo_root: Path, tmp_path: Path, regime: str):
     plain, _, plain_trainer, _ = _fit(demo_root, tmp_path / "plain", regime, cache=False)
     cached, dm, trainer, stats = _fit(demo_root, tmp_path / "cached", regime, cache=True)

@@ -29,12 +29,20 @@ def test_trainable_counts_per_regime(nets, regime):
     assert counts.total == 2_544_820
 
 
+def test_last_4_blocks_trains_the_7x7_stage(nets):
+    net = nets["last_4_blocks"]
+    stage = [net.backbone.blocks[5], net.backbone.blocks[6], net.backbone.conv_head, net.backbone.bn2]
+    expected = 1_838_596 + sum(p.numel() for m in stage for p in m.parameters())
+    assert count_parameters(net).trainable == expected
+    assert not any(p.requires_grad for p in net.backbone.blocks[4].parameters())
+
+
 def test_all_regime_trains_everything(nets):
     assert count_parameters(nets["all"]).frozen == 0
 
 
 def test_unknown_regime_lists_valid_names():
-    with pytest.raises(ValueError, match="head, last_conv, last_2_conv, all"):
+    with pytest.raises(ValueError, match="head, last_conv, last_2_conv, last_4_blocks, all"):
         XRayNet(trainable="everything")
 
 
