@@ -71,6 +71,7 @@ def run_once(config: str, row: Row, seed: int, out: Path, common: Sequence[str],
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         cli = build_cli(args, run=False)
+    cli.before_fit()  # what `lightning fit` runs first (e.g. lung masks for data.lung_segmenter)
     started = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - started
@@ -140,6 +141,22 @@ def write_outputs(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str],
     return md
 
 
+def read_runs(path: str | Path, keys: Sequence[str]) -> list[Run]:
+    """The runs of a ``runs.csv`` written by :func:`write_outputs` (to re-render tables without training)."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        return [
+            Run(
+                r["row"],
+                int(r["seed"]),
+                {k: float(r[k]) for k in keys if r.get(k)},
+                float(r["train_time_s"]),
+                int(r["best_epoch"]) if r.get("best_epoch") else None,
+                r["log_dir"],
+            )
+            for r in csv.DictReader(f)
+        ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the recipe config every row starts from")
@@ -148,10 +165,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/ablate", help="folder for logs, ablation.md and runs.csv")
     parser.add_argument("--task", choices=sorted(REPORTED), default=None, help="default: from the config's model")
     parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--summarize", action="store_true", help="train nothing: re-render ablation.md from --out's runs.csv"
+    )
     args, common = parser.parse_known_args(argv)
     rows = load_rows(args.rows)
     task = args.task or ("segmentation" if "LungSegmenter" in Path(args.config).read_text() else "classification")
     out = Path(args.out)
+    title = args.title or f"Ablation of {args.config}"
+    if args.summarize:
+        write_outputs(read_runs(out / "runs.csv", REPORTED[task]), rows, REPORTED[task], out, title)
+        print((out / "ablation.md").read_text())
+        return 0
     runs: list[Run] = []
     split_file: Path | None = None
     for row in rows:
@@ -161,6 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if split_file is None and (Path(run.log_dir) / "split.csv").is_file():
                 split_file = Path(run.log_dir) / "split.csv"
             log.info("ablate: %s seed %d: %s (%.0f s)", row.name, seed, run.metrics, run.seconds)
-            write_outputs(runs, rows, REPORTED[task], out, args.title or f"Ablation of {args.config}")
+            write_outputs(runs, rows, REPORTED[task], out, title)
     print((out / "ablation.md").read_text())
     return 0

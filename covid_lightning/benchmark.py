@@ -31,6 +31,11 @@ Sections:
     ``hook ms`` the ``on_train_batch_start`` -> ``on_train_batch_end`` part. ``overhead`` = fit / loop - 1
     (target <= 5%), ``trainer`` = fit / +metrics - 1 (Lightning's own share; the rest is the metrics).
     ``1st step s`` is the loop's first (cold) step: allocations, oneDNN kernel creation, compilation.
+``cache``
+    The frozen-backbone regimes (``head``, ``last_4_blocks``) trained through ``Trainer.fit`` on the
+    train split twice: reading images every epoch, and with :class:`FrozenFeatureCache` (the frozen prefix
+    run once at the start of ``fit``: ``cache build s``). Median seconds per epoch after the first, no
+    validation; ``speedup`` = uncached / cached epoch.
 ``infer``
     images/s at ``--infer-batch``: eager contiguous and channels_last (float32), autocast rows for each
     mixed precision asked for, ``torch.compile`` (``--compile``; compile time in ``setup s``), ONNX Runtime
@@ -60,6 +65,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -75,10 +81,12 @@ import torch.nn.functional as F
 
 from covid_lightning.runtime import keep_freed_memory
 
-SECTIONS = ("loader", "train", "infer", "memory")
+SECTIONS = ("loader", "train", "cache", "infer", "memory")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 MEMORY_FORMATS = ("channels_last", "contiguous")
 CLASSIFIER_REGIMES = ("head", "last_2_conv", "all")
+#: regimes of the ``cache`` section (FrozenFeatureCache): the lab's winner and the CPU recipe's
+CACHE_REGIMES = ("head", "last_4_blocks")
 MIB = 1024 * 1024
 
 #: The lab's Keras figures (TF 2.21 CPU, 2-core AVX512-bf16 EPYC), keyed by (section, model, case, precision).
@@ -430,6 +438,17 @@ def format_table(rows: Sequence[Row], columns: Sequence[Column]) -> str:
 
 
 TABLES: dict[str, list[Column]] = {
+    "cache": [
+        Column("regime", "regime"),
+        Column("train_images", "images"),
+        Column("batch", "batch"),
+        Column("size", "size"),
+        Column("workers", "workers"),
+        Column("uncached_epoch_s", "uncached epoch s", ".2f"),
+        Column("cache_build_s", "cache build s", ".1f"),
+        Column("cached_epoch_s", "cached epoch s", ".3f"),
+        Column("speedup", "speedup", ".0f"),
+    ],
     "loader": [
         Column("datamodule", "datamodule"),
         Column("workers", "workers"),
@@ -490,6 +509,7 @@ TABLES: dict[str, list[Column]] = {
 TITLES = {
     "loader": "Data loading: train DataLoader end to end (decode, resize, augment, collate)",
     "train": "Training: Trainer.fit vs a plain PyTorch loop (same model, batch, precision, memory format)",
+    "cache": "Frozen-prefix cache: one training epoch of a frozen-backbone regime, images vs FrozenFeatureCache",
     "infer": "Inference",
     "memory": "Peak memory",
 }
@@ -731,6 +751,90 @@ def bench_loader(settings: Settings) -> list[Row]:
             )
             rows.append(loader_throughput(dm, settings))
     return rows
+
+
+def _epoch_timer() -> Any:
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        """Seconds of every training epoch (``on_train_epoch_start`` -> ``on_train_epoch_end``)."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochTimer()
+
+
+def cache_row(regime: str, settings: Settings) -> Row:
+    """Training epochs of ``regime`` on the train split read from images, then with FrozenFeatureCache
+    (``cache build s``: its one pass over the train and val images at the start of ``fit``). Epochs are
+    timed without validation; each figure is the median of ``repeats`` epochs after the first."""
+    import lightning as L
+
+    from covid_lightning import RadiographyDataModule, XRayClassifier
+    from covid_lightning.callbacks import FrozenFeatureCache
+
+    epochs = 1 + min(settings.repeats, 3)
+    results: dict[str, Any] = {}
+    scratch = tempfile.mkdtemp(prefix="covid_lightning_bench_")  # the Trainer's root: split manifest, no litter
+    for cached in (False, True):
+        dm = RadiographyDataModule(
+            root=settings.data_root,
+            image_size=settings.classifier_size,
+            batch_size=settings.classifier_batch,
+            augment="none",
+        )
+        model = XRayClassifier(
+            pretrained=False,
+            flavor="keras",
+            normalization="unit",
+            trainable=regime,
+            image_size=settings.classifier_size,
+        )
+        timer = _epoch_timer()
+        callbacks = [timer] + ([FrozenFeatureCache()] if cached else [])
+        trainer = L.Trainer(
+            accelerator="gpu" if settings.device.startswith("cuda") else "cpu",
+            devices=1,
+            max_epochs=epochs,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            default_root_dir=scratch,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        with quiet():
+            trainer.fit(model, dm)
+        results[cached] = (median(timer.seconds[1:]), callbacks[-1].seconds if cached else None, dm)
+        del trainer, model
+        gc.collect()
+    shutil.rmtree(scratch, ignore_errors=True)
+    uncached, _, dm = results[False]
+    cached_s, build_s, _ = results[True]
+    return {
+        "regime": regime,
+        "train_images": len(dm.datasets["train"]),
+        "batch": settings.classifier_batch,
+        "size": settings.classifier_size,
+        "workers": dm.hparams.num_workers if dm.hparams.num_workers is not None else "auto",
+        "uncached_epoch_s": uncached,
+        "cache_build_s": build_s,
+        "cached_epoch_s": cached_s,
+        "speedup": uncached / cached_s if cached_s > 0 else None,
+    }
+
+
+def bench_cache(settings: Settings) -> list[Row]:
+    return [cache_row(regime, settings) for regime in CACHE_REGIMES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1131,6 +1235,7 @@ def bench_memory(settings: Settings) -> list[Row]:
 RUNNERS: dict[str, Callable[[Settings], list[Row]]] = {
     "loader": bench_loader,
     "train": bench_train,
+    "cache": bench_cache,
     "infer": bench_infer,
     "memory": bench_memory,
 }
@@ -1157,7 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data.root", dest="data_root", default=None, help="dataset for the loader section (default: demo data)")
     add("--device", choices=("cpu", "cuda", "auto"), default="auto", help="default: cuda when available")
-    add("--sections", type=_csv(str, SECTIONS), default=SECTIONS, help="subset of loader,train,infer,memory")
+    add("--sections", type=_csv(str, SECTIONS), default=SECTIONS, help="subset of " + ",".join(SECTIONS))
     add("--quick", action="store_true", help="tiny sizes and few repeats (seconds; the smoke test)")
     for key, what in [
         ("classifier_batch", "classifier train batch"),

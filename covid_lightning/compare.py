@@ -127,6 +127,7 @@ def run_one(name: str, config: str, args: Sequence[str]) -> tuple[RunResult, Pat
     with warnings.catch_warnings():  # "args and sys.argv both given": sys.argv are this script's own options
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         cli = build_cli(["--config", config, *args], run=False)
+    cli.before_fit()  # what `lightning fit` runs first (e.g. lung masks for data.lung_segmenter)
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     model = cli.model

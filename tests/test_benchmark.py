@@ -73,6 +73,21 @@ def test_quick_run_writes_every_section(demo_root: Path, tmp_path: Path, capsys:
         assert text in printed
 
 
+def test_cache_section_times_both_paths(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "c.json"
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--data.root", str(demo_root), "--sections", "cache"]
+    assert bm.main([*argv, "--json", str(out)]) == 0
+    rows = {r["regime"]: r for r in json.loads(out.read_text())["sections"]["cache"]}
+    assert set(rows) == set(bm.CACHE_REGIMES)
+    for row in rows.values():
+        assert row["train_images"] > 0
+        assert all(_positive(row[k]) for k in ("uncached_epoch_s", "cache_build_s", "cached_epoch_s", "speedup"))
+    assert list(cwd.iterdir()) == []  # no split manifest or logs left in the working directory
+
+
 def test_settings_defaults_and_quick() -> None:
     full = bm.parse_settings(["--device", "cpu"])
     assert (full.classifier_batch, full.classifier_size, full.unet_batch, full.unet_size, full.infer_batch) == (

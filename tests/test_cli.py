@@ -146,6 +146,8 @@ def test_console_script_fit_segmentation_fast_dev_run(config: Path, demo_root: P
         "0",
         "--data.batch_size",
         "4",
+        "--model.compile_model",
+        "false",  # the GPU recipes compile; not worth ~20 s per test on a CPU
         cwd=tmp_path,
     )
 
