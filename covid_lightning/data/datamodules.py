@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from covid_lightning.data.datasets import EpochSampler, ImageFolderDataset, XRayDataset
+from covid_lightning.data.datasets import EpochSampler, FeatureDataset, ImageFolderDataset, XRayDataset
 from covid_lightning.data.demo import default_demo_dir, make_demo_dataset
 from covid_lightning.data.hygiene import Screening, inspection_cache_file, screen_records
 from covid_lightning.data.roi import ROI_MODES, LungRoi
@@ -289,6 +289,8 @@ class XRayDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"No {split} data: call setup() first (or set predict_root for predict).")
         workers = default_num_workers() if self.hparams.num_workers is None else self.hparams.num_workers
+        if isinstance(self.datasets[split], FeatureDataset):
+            workers = 0  # cached activations are in memory: worker processes would only add IPC
         if self.hparams.streaming and split != "predict":
             from covid_lightning.data.streaming import streaming_loader
 

@@ -55,9 +55,10 @@ def test_feature_datasets_used_during_fit(demo_root: Path, tmp_path: Path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen["keys"] = set(batch)
             seen["dataset"] = type(trainer.datamodule.datasets["train"])
+            seen["workers"] = trainer.train_dataloader.num_workers
 
     model = XRayClassifier(pretrained=False, trainable="last_conv", image_size=64)
-    dm = RadiographyDataModule(root=str(demo_root), image_size=64, batch_size=8, num_workers=0, augment="none")
+    dm = RadiographyDataModule(root=str(demo_root), image_size=64, batch_size=8, num_workers=2, augment="none")
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_epochs=1,
@@ -68,7 +69,8 @@ def test_feature_datasets_used_during_fit(demo_root: Path, tmp_path: Path):
         callbacks=[FrozenFeatureCache(dtype="float16"), Probe()],
     )
     trainer.fit(model, dm)
-    assert seen == {"keys": {"features", "label", "path"}, "dataset": FeatureDataset}
+    # in-memory activations are served without worker processes (they would only add IPC)
+    assert seen == {"keys": {"features", "label", "path"}, "dataset": FeatureDataset, "workers": 0}
 
 
 @pytest.mark.parametrize(

@@ -147,3 +147,23 @@ def test_covid_vs_normal_accuracy_by_hand():
     assert metric.compute().item() == pytest.approx(3 / 4)
     model = XRayClassifier(pretrained=False)
     assert "val/acc_covid_vs_normal" in model.val_metrics.keys(keep_base=False)
+
+
+def test_default_optimizer_is_fused_adam_and_steps_like_the_per_tensor_loop():
+    torch.manual_seed(0)
+    model = XRayClassifier(pretrained=False, trainable="head", image_size=64)
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is True
+    twin = XRayClassifier(pretrained=False, trainable="head", image_size=64)
+    twin.load_state_dict(model.state_dict())
+    reference = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=1e-3, foreach=False)
+    start = {k: v.clone() for k, v in model.net.head.state_dict().items()}
+    features, labels = torch.randn(8, 1280), torch.randint(0, 4, (8,))
+    for _ in range(3):
+        for net, opt in ((model.net.eval(), optimizer), (twin.net.eval(), reference)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net.forward_suffix(features), labels).backward()
+            opt.step()
+    assert all(not torch.equal(v, start[k]) for k, v in model.net.head.state_dict().items())  # it trained
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
