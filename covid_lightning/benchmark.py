@@ -5,14 +5,15 @@ r"""Speed and memory benchmarks: data loading, training (``Trainer.fit`` vs a pl
     python scripts/benchmark.py                                   # every section, the lab's sizes, demo data
     python scripts/benchmark.py --data.root /path/to/COVID-19_Radiography_Dataset --json bench.json
     python scripts/benchmark.py --sections train,infer --compile   # + torch.compile rows
-    python scripts/benchmark.py --malloc heap                     # glibc keeps freed memory (no page faults)
+    python scripts/benchmark.py --malloc default                  # glibc's default allocator (CLI: heap)
     python scripts/benchmark.py --quick                           # tiny sizes, seconds (the smoke test)
 
 Every figure is the median of ``--repeats`` timed repetitions after ``--warmup`` untimed ones. The header
 names the machine (CPU model and flags, usable threads, GPU, versions, fast bf16, allocator); each section
 title gives its wall time and the cores the main process actually used (well below torch's thread count
 means a busy machine: its numbers are noise). ``sys`` columns are the kernel's share of the CPU time, in
-practice page faults of freshly ``mmap``-ed tensor memory (``--malloc heap`` removes them).
+practice page faults of freshly ``mmap``-ed tensor memory: ``--malloc heap``, the default as in the CLI
+(:func:`covid_lightning.runtime.tune_cpu_allocator`), removes them.
 
 Sections:
 
@@ -552,7 +553,8 @@ def format_notes(result: dict[str, Any]) -> str:
             "keras = the lab's Keras (TF 2.21 CPU) on a 2-core AVX512-bf16 EPYC, shown at the lab's sizes only."
         )
     if {"train", "infer"} & set(result["sections"]):
-        notes.append("sys = kernel share of the CPU time (page faults of fresh tensor memory; try --malloc heap).")
+        fix = "" if result["settings"].get("malloc") == "heap" else "; try --malloc heap"
+        notes.append(f"sys = kernel share of the CPU time (page faults of fresh tensor memory{fix}).")
     notes.append(f"total {sum(result['elapsed_s'].values()):.0f} s")
     return "\n".join(notes)
 
@@ -1307,8 +1309,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--malloc",
         choices=MALLOC_MODES,
-        default="default",
-        help="heap: glibc keeps freed memory (no mmap per big tensor, no page faults; see the 'sys' columns)",
+        default=None,
+        help="heap: glibc keeps freed memory (no mmap per big tensor, no page faults; see the 'sys' columns)."
+        " Default: heap, as the covid-lightning CLI runs (COVID_LIGHTNING_MALLOC=default: glibc's default);"
+        " quick: default (the smoke test leaves the process's allocator alone)",
     )
     add("--json", dest="json_path", default=None, help="also write the results as JSON here ('-': stdout)")
     return parser
@@ -1324,6 +1328,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     args["device"] = str(device)
     if args["workers"] is None:
         args["workers"] = (0, 1) if args["quick"] else default_workers()
+    if args["malloc"] is None:
+        cli_default = os.environ.get("COVID_LIGHTNING_MALLOC", "heap") != "default"
+        args["malloc"] = "heap" if cli_default and not args["quick"] else "default"
     if args["memory_formats"] is None:
         args["memory_formats"] = MEMORY_FORMATS[:1] if args["quick"] else MEMORY_FORMATS
     if args["precisions"] is None:

@@ -107,7 +107,8 @@ def test_settings_defaults_and_quick() -> None:
     quick = bm.parse_settings(["--quick", "--device", "cpu", "--unet-size", "48", "--sections", "infer,train"])
     assert quick.classifier_size == bm.QUICK["classifier_size"] and quick.unet_size == 48
     assert quick.sections == ("train", "infer") and not quick.at_reference_sizes
-    assert quick.malloc == "default" and bm.parse_settings(["--malloc", "heap"]).malloc == "heap"
+    assert full.malloc == "heap"  # what the CLI runs with
+    assert quick.malloc == "default" and bm.parse_settings(["--quick", "--malloc", "heap"]).malloc == "heap"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,60 @@
+"""The speed switches keep results: channels_last vs contiguous layout, bf16 autocast vs float32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from covid_lightning import LungSegmenter, XRayClassifier
+
+CASES = [
+    pytest.param(XRayClassifier, {"pretrained": False, "trainable": "all", "image_size": 64}, 64, id="classifier"),
+    pytest.param(LungSegmenter, {"image_size": 32}, 32, id="seed_unet"),
+]
+
+
+def _loss(model: Any, images: torch.Tensor) -> torch.Tensor:
+    out = model(images).float()
+    if isinstance(model, XRayClassifier):
+        return F.cross_entropy(out, torch.arange(len(images)) % out.shape[1])
+    return model.compute_loss(out, (torch.arange(out[0].numel()).view_as(out[0]) % 3 == 0).expand_as(out))
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "size"), CASES)
+def test_channels_last_gives_the_contiguous_results(cls: type, kwargs: dict, size: int) -> None:
+    torch.manual_seed(0)
+    plain = cls(memory_format="contiguous", **kwargs)
+    fast = cls(memory_format="channels_last", **kwargs)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.to_input(torch.zeros(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(images), plain.eval()(images), rtol=1e-4, atol=1e-5)
+    plain.train(), fast.train()
+    _loss(plain, images).backward()
+    _loss(fast, images).backward()
+    # a layout changes the order of float sums: compare on the scale of the largest gradient
+    scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "size"), CASES)
+def test_bf16_autocast_stays_close_to_float32(cls: type, kwargs: dict, size: int) -> None:
+    torch.manual_seed(0)
+    model = cls(**kwargs).eval()
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        full = model(images).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(images).float()
+    assert torch.isfinite(half).all()
+    probs = (lambda x: x.softmax(-1)) if cls is XRayClassifier else torch.sigmoid
+    torch.testing.assert_close(probs(half), probs(full), rtol=0, atol=0.03)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(model.train(), images)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the loss is computed in float32
