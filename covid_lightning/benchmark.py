@@ -66,7 +66,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -755,6 +754,24 @@ def bench_loader(settings: Settings) -> list[Row]:
     return rows
 
 
+def bench_trainer(device: torch.device, callbacks: list[Any], **kwargs: Any) -> Any:
+    """A one-device ``Trainer`` that only trains: no validation, logger, checkpoint, progress bar or summary."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
 def _epoch_timer() -> Any:
     from lightning.pytorch.callbacks import Callback
 
@@ -777,14 +794,12 @@ def cache_row(regime: str, settings: Settings) -> Row:
     """Training epochs of ``regime`` on the train split read from images, then with FrozenFeatureCache
     (``cache build s``: its one pass over the train and val images at the start of ``fit``). Epochs are
     timed without validation; each figure is the median of ``repeats`` epochs after the first."""
-    import lightning as L
-
     from covid_lightning import RadiographyDataModule, XRayClassifier
     from covid_lightning.callbacks import FrozenFeatureCache
 
-    epochs = 1 + min(settings.repeats, 3)
-    results: dict[str, Any] = {}
-    scratch = tempfile.mkdtemp(prefix="covid_lightning_bench_")  # the Trainer's root: split manifest, no litter
+    device, epochs = torch.device(settings.device), 1 + min(settings.repeats, 3)
+    epoch_s: dict[bool, float] = {}
+    cache = FrozenFeatureCache()
     for cached in (False, True):
         dm = RadiographyDataModule(
             root=settings.data_root,
@@ -800,38 +815,24 @@ def cache_row(regime: str, settings: Settings) -> Row:
             image_size=settings.classifier_size,
         )
         timer = _epoch_timer()
-        callbacks = [timer] + ([FrozenFeatureCache()] if cached else [])
-        trainer = L.Trainer(
-            accelerator="gpu" if settings.device.startswith("cuda") else "cpu",
-            devices=1,
-            max_epochs=epochs,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            default_root_dir=scratch,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
-        with quiet():
+        # the Trainer's root takes the split manifest: a scratch folder, no litter in the working directory
+        with tempfile.TemporaryDirectory(prefix="covid_lightning_bench_") as scratch, quiet():
+            callbacks = [timer, cache] if cached else [timer]
+            trainer = bench_trainer(device, callbacks, max_epochs=epochs, default_root_dir=scratch)
             trainer.fit(model, dm)
-        results[cached] = (median(timer.seconds[1:]), callbacks[-1].seconds if cached else None, dm)
+        epoch_s[cached] = median(timer.seconds[1:])
         del trainer, model
         gc.collect()
-    shutil.rmtree(scratch, ignore_errors=True)
-    uncached, _, dm = results[False]
-    cached_s, build_s, _ = results[True]
     return {
         "regime": regime,
         "train_images": len(dm.datasets["train"]),
         "batch": settings.classifier_batch,
         "size": settings.classifier_size,
         "workers": dm.hparams.num_workers if dm.hparams.num_workers is not None else "auto",
-        "uncached_epoch_s": uncached,
-        "cache_build_s": build_s,
-        "cached_epoch_s": cached_s,
-        "speedup": uncached / cached_s if cached_s > 0 else None,
+        "uncached_epoch_s": epoch_s[False],
+        "cache_build_s": cache.seconds,
+        "cached_epoch_s": epoch_s[True],
+        "speedup": epoch_s[False] / epoch_s[True] if epoch_s[True] > 0 else None,
     }
 
 
@@ -881,28 +882,13 @@ class StepTimes:
 
 def fit_step_times(case: ModelCase, batches: Sequence[dict], precision: str, settings: Settings) -> StepTimes:
     """Steps of ``Trainer.fit`` over in-memory batches: warm-up steps then ``repeats`` timed ones."""
-    import lightning as L
-
     device = torch.device(settings.device)
     steps = settings.warmup + settings.repeats
     model = case.build(batches[0]["image"].shape[-1])
     timer = _step_timer(device)
     loader = torch.utils.data.DataLoader(InMemoryBatches(batches, steps), batch_size=None, shuffle=False)
     with quiet():
-        trainer = L.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=1,
-            precision=precision,
-            max_epochs=1,
-            limit_train_batches=steps,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
-        )
+        trainer = bench_trainer(device, [timer], precision=precision, max_epochs=1, limit_train_batches=steps)
         trainer.fit(model, train_dataloaders=loader)
     starts, ends, w = timer.starts, timer.ends, settings.warmup
     return StepTimes(
