@@ -20,7 +20,9 @@ Sections:
 ``loader``
     The DataModules' train loaders end to end (decode, resize, augment, collate), per worker count,
     images/s over windows of ``--loader-batches`` batches after the warm-up batches; epochs are cycled
-    with persistent workers (spawned once, their start-up is the ``first batch`` column).
+    with persistent workers (spawned once, their start-up is the ``first batch`` column). The last row
+    of each DataModule serves the decoded-image cache (``data.cache_images: memory``, built in ``setup``,
+    untimed) with the worker count the configs pick.
 ``train``
     ms/step and images/s of both models, the same model class, batch, precision (autocast) and memory
     format three ways: ``loop``, a plain PyTorch loop computing ``shared_step``'s loss (no metrics, no
@@ -451,6 +453,7 @@ TABLES: dict[str, list[Column]] = {
     ],
     "loader": [
         Column("datamodule", "datamodule"),
+        Column("cache", "image cache"),
         Column("workers", "workers"),
         Column("batch", "batch"),
         Column("size", "size"),
@@ -735,22 +738,25 @@ def loader_throughput(datamodule: Any, settings: Settings) -> Row:
 
 def bench_loader(settings: Settings) -> list[Row]:
     from covid_lightning import LungSegmentationDataModule, RadiographyDataModule
+    from covid_lightning.data.datamodules import default_num_workers
 
     rows = []
     specs = [
         (RadiographyDataModule, settings.classifier_size, settings.classifier_batch),
         (LungSegmentationDataModule, settings.unet_size, settings.unet_batch),
     ]
+    cases = [(w, "none") for w in settings.workers] + [(default_num_workers(), "memory")]
     for cls, size, batch in specs:
-        for workers in settings.workers:
+        for workers, cache in cases:
             dm = cls(
                 root=settings.data_root,
                 image_size=size,
                 batch_size=batch,
                 num_workers=workers,
                 augment=settings.augment,
+                cache_images=cache,
             )
-            rows.append(loader_throughput(dm, settings))
+            rows.append(loader_throughput(dm, settings) | {"cache": cache})
     return rows
 
 

@@ -32,8 +32,11 @@ def test_quick_run_writes_every_section(demo_root: Path, tmp_path: Path, capsys:
     sections = result["sections"]
     assert list(sections) == ["loader", "train", "infer", "memory"]
 
-    loader = {(r["datamodule"], r["workers"]): r for r in sections["loader"]}
-    assert set(loader) == {(dm, w) for dm in ("RadiographyDataModule", "LungSegmentationDataModule") for w in (0, 1)}
+    from covid_lightning.data.datamodules import default_num_workers
+
+    loader = {(r["datamodule"], r["workers"], r["cache"]): r for r in sections["loader"]}
+    cases = [(0, "none"), (1, "none"), (default_num_workers(), "memory")]
+    assert set(loader) == {(dm, *c) for dm in ("RadiographyDataModule", "LungSegmentationDataModule") for c in cases}
     assert all(_positive(r["img_s"]) and _positive(r["ms_per_batch"]) for r in loader.values())
 
     train = {(r["model"], r["case"], r["memory_format"], r["precision"]): r for r in sections["train"]}

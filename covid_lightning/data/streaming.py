@@ -81,7 +81,14 @@ from covid_lightning.data.datasets import sample_seed  # noqa: E402
 from covid_lightning.data.hygiene import inspection_cache_file, screen_records  # noqa: E402
 from covid_lightning.data.scan import CLASSES, DatasetError, Record, find_dataset_root, scan_dataset  # noqa: E402
 from covid_lightning.data.split import GROUP_FIELD, SPLITS, read_manifest, stratified_split, write_manifest  # noqa: E402
-from covid_lightning.data.transforms import ImageReadError, to_rgb_array  # noqa: E402
+from covid_lightning.data.transforms import (  # noqa: E402
+    ImageReadError,
+    binarize_mask,
+    cv2_decode,
+    mask_from_cv2,
+    rgb_from_cv2,
+    to_rgb_array,
+)
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +453,9 @@ def optimize_dataset(
 
 def decode_image(data: bytes | memoryview, name: str = "image") -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB, as :func:`~covid_lightning.data.transforms.load_image` decodes a file."""
+    rgb = rgb_from_cv2(cv2_decode(data))
+    if rgb is not None:
+        return rgb
     try:
         with Image.open(io.BytesIO(bytes(data))) as im:
             return to_rgb_array(im)
@@ -455,12 +465,14 @@ def decode_image(data: bytes | memoryview, name: str = "image") -> np.ndarray:
 
 def decode_mask(data: bytes | memoryview, name: str = "mask") -> np.ndarray:
     """Encoded mask bytes -> HxW uint8 {0, 1}, thresholded as :func:`~covid_lightning.data.transforms.load_mask`."""
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            arr = np.asarray(im.convert("L"))
-    except OSError as err:
-        raise ImageReadError(f"Cannot decode mask of {name}: {err}.") from err
-    return (arr > (127 if arr.max() > 1 else 0)).astype(np.uint8)
+    arr = mask_from_cv2(cv2_decode(data))
+    if arr is None:
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as im:
+                arr = np.asarray(im.convert("L"))
+        except OSError as err:
+            raise ImageReadError(f"Cannot decode mask of {name}: {err}.") from err
+    return binarize_mask(arr)
 
 
 class StreamingXRayDataset(StreamingDataset):

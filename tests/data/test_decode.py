@@ -1,0 +1,85 @@
+"""The OpenCV decode path gives exactly what PIL gives, in every mode, for files, bytes and masks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covid_lightning.data.streaming import decode_image, decode_mask
+from covid_lightning.data.transforms import ImageReadError, cv2_read, load_image, load_mask, to_rgb_array
+
+RNG = np.random.default_rng(0)
+PIXELS = RNG.integers(0, 256, (37, 41, 3), dtype=np.uint8)
+
+
+def _image(mode: str) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(PIXELS[..., 0].astype(np.uint16) * 257)
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([PIXELS, PIXELS[..., :1]]))
+    return Image.fromarray(PIXELS).convert(mode)
+
+
+CASES = [
+    *[("png", m) for m in ("L", "RGB", "RGBA", "P", "LA", "1", "I;16")],
+    *[("jpg", m) for m in ("L", "RGB", "CMYK")],
+    *[("tif", m) for m in ("RGBA", "I;16")],  # JPEG/TIFF/BMP go through PIL
+    ("bmp", "RGB"),
+]
+
+
+@pytest.mark.parametrize(("ext", "mode"), CASES, ids=[f"{e}-{m}" for e, m in CASES])
+def test_load_image_matches_pil(tmp_path: Path, ext: str, mode: str):
+    path = tmp_path / f"x.{ext}"
+    _image(mode).save(path)
+    with Image.open(path) as im:
+        expected = to_rgb_array(im)
+    got = load_image(path)
+    assert got.dtype == np.uint8 and got.shape == (37, 41, 3)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(decode_image(path.read_bytes()), expected)
+
+
+def test_fast_path_is_taken_for_png_only(tmp_path: Path):
+    for ext in ("png", "PNG", "jpg", "tif"):
+        path = tmp_path / f"x.{ext}"
+        _image("RGB").save(path, format="PNG" if ext == "PNG" else None)
+        assert (cv2_read(path) is not None) == (ext.lower() == "png")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "zero-one", "colour", "I;16"])
+def test_load_mask_matches_pil(tmp_path: Path, mode: str):
+    """Gray, gray-as-RGB (the Kaggle masks), 0/1, coloured and 16-bit masks threshold as PIL's gray does."""
+    gray = (PIXELS[..., 0] > 100).astype(np.uint8)
+    pixels = gray if mode == "zero-one" else gray * 255
+    im = Image.fromarray(pixels)
+    if mode in ("RGB", "RGBA"):
+        im = im.convert(mode)
+    elif mode == "colour":  # a red lung on a faint blue background: only PIL's luma weights decide
+        im = Image.fromarray(np.dstack([pixels, np.zeros_like(pixels), np.full_like(pixels, 40)]))
+    elif mode == "I;16":
+        im = Image.fromarray(pixels.astype(np.uint16) * 257)
+    path = tmp_path / "m.png"
+    im.save(path)
+    with Image.open(path) as reference:
+        pil_gray = np.asarray(reference.convert("L"))
+    expected = (pil_gray > (127 if pil_gray.max() > 1 else 0)).astype(np.uint8)
+    if mode in ("L", "RGB", "RGBA", "zero-one"):
+        np.testing.assert_array_equal(expected, gray)
+    np.testing.assert_array_equal(load_mask(path), expected)
+    np.testing.assert_array_equal(decode_mask(path.read_bytes()), expected)
+
+
+def test_unreadable_file_names_itself(tmp_path: Path):
+    path = tmp_path / "broken.png"
+    buffer = io.BytesIO()
+    _image("L").save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue()[:60])  # truncated
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_image(path)
+    with pytest.raises(ImageReadError, match="broken.png"):
+        decode_image(path.read_bytes(), "broken.png")
