@@ -44,6 +44,12 @@ Sections:
     mixed precision asked for, ``torch.compile`` (``--compile``; compile time in ``setup s``), ONNX Runtime
     on the graph :func:`covid_lightning.export.export_onnx` writes (export time in ``setup s``; intra-op
     threads = torch's; on CUDA it is fed from host memory, the eager rows from the GPU).
+``GFLOP/s`` and ``% matmul`` (train and infer)
+    The model's convolution and matmul FLOPs (``torch.utils.flop_counter`` on one forward pass; a training
+    step of a fully trainable model = 3 x forward x batch) per second, and that rate over the float32 matmul
+    rate measured on the same device at start (the header's ``compute`` line). It says how close a row is
+    to what the hardware delivers, and ``keras % matmul`` what a Keras reference figure would need here:
+    well above 100% is beyond this machine in float32, whatever the framework.
 ``memory``
     Peak resident memory per case (a few training steps, or inference batches): on Linux the RSS
     high-water mark is reset before each case (``/proc/self/clear_refs``, after ``malloc_trim``), so
@@ -62,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import logging
@@ -217,8 +224,8 @@ def gpu_name(device: torch.device) -> str | None:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Everything a reader needs to compare two benchmark runs."""
+def machine_info(device: torch.device, n: int = 2048) -> dict[str, Any]:
+    """Everything a reader needs to compare two benchmark runs (``n``: the matmul size of the compute ceiling)."""
     import lightning
 
     from covid_lightning.cli import cpu_has_fast_bf16
@@ -241,7 +248,37 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "onnxruntime": _version_of("onnxruntime"),
         "allocator": allocator_info(),
         "platform": platform.platform(),
+        "matmul_fp32_gflops": matmul_gflops(device, n=n),
     }
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul GFLOP/s (``n`` x ``n``, torch's threads, median of ``repeats``): the yardstick the
+    training and inference rows' GFLOP/s are read against (on CUDA without TF32, torch's default)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    timing = time_calls(lambda: a @ b, warmup=2, repeats=repeats, device=device)
+    return 2 * n**3 / median(timing.times) / 1e9
+
+
+@functools.cache
+def forward_gflop(model: str, size: int) -> float:
+    """GFLOP of one image's forward pass (``torch.utils.flop_counter``: convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = ModelCase(model).build(size).eval()
+    image = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(image)
+    return counter.get_total_flops() / 1e9
+
+
+def train_gflop(model: str, regime: str, batch: int, size: int) -> float | None:
+    """GFLOP of one training step of a fully trainable model, 3 x forward (backward: input and weight
+    gradients); None for frozen regimes, whose backward stops early. (``FlopCounterMode`` itself is not
+    used for the backward: it counts a grouped convolution's backward ``groups`` times over.)"""
+    if model == "classifier" and regime != "all":
+        return None
+    return 3 * forward_gflop(model, size) * batch
 
 
 def _version_of(module: str) -> str | None:
@@ -477,9 +514,12 @@ TABLES: dict[str, list[Column]] = {
         Column("overhead", "overhead", "+.1%"),
         Column("trainer_overhead", "trainer", "+.1%"),
         Column("fit_img_s", "fit img/s", ".1f"),
+        Column("fit_gflop_s", "GFLOP/s", ".0f"),
+        Column("fit_matmul_share", "% matmul", ".0%"),
         Column("fit_kernel", "sys", ".0%"),
         Column("first_step_s", "1st step s", ".2f"),
         Column("keras_ms", "keras ms", ".0f"),
+        Column("keras_matmul_share", "keras % matmul", ".0%"),
     ],
     "infer": [
         Column("model", "model"),
@@ -490,10 +530,13 @@ TABLES: dict[str, list[Column]] = {
         Column("size", "size"),
         Column("ms_per_batch", "ms/batch", ".1f"),
         Column("img_s", "img/s", ".1f"),
+        Column("gflop_s", "GFLOP/s", ".0f"),
+        Column("matmul_share", "% matmul", ".0%"),
         Column("spread", "spread", ".0%"),
         Column("kernel", "sys", ".0%"),
         Column("setup_s", "setup s", ".1f"),
         Column("keras_img_s", "keras img/s", ".0f"),
+        Column("keras_matmul_share", "keras % matmul", ".0%"),
         Column("note", "note"),
     ],
     "memory": [
@@ -527,6 +570,8 @@ def format_header(machine: dict[str, Any], settings: Settings) -> str:
         f"usable CPUs {machine['usable_cpus']} of {machine['logical_cpus']}"
         + (f", cgroup quota {quota:g} cores" if quota else ""),
         f"device   {machine['device']}" + (f" ({machine['gpu']})" if machine["gpu"] else ""),
+        f"compute  float32 matmul {machine['matmul_fp32_gflops']:.0f} GFLOP/s measured (the '% matmul' columns' "
+        "yardstick)",
         f"memory   {machine['allocator']}"
         + ("; freed memory kept in the heap (--malloc heap)" if settings.malloc == "heap" else ""),
         f"versions python {machine['python']}, torch {machine['torch']}, lightning {machine['lightning']}, "
@@ -555,6 +600,12 @@ def format_notes(result: dict[str, Any]) -> str:
             "keras = the lab's Keras (TF 2.21 CPU) on a 2-core AVX512-bf16 EPYC, shown at the lab's sizes only."
         )
     if {"train", "infer"} & set(result["sections"]):
+        notes.append(
+            "GFLOP/s = the model's convolution/matmul FLOPs per second (training: 3 x forward, fully trainable "
+            "rows only); % matmul = that over the float32 matmul rate measured in the header (near 100%: as "
+            "compute-bound as this machine's BLAS; a tuned convolution can exceed it a little). keras % matmul "
+            "well above 100%: the Keras reference's speed needs more float32 compute than this machine delivers."
+        )
         fix = "" if result["settings"].get("malloc") == "heap" else "; try --malloc heap"
         notes.append(f"sys = kernel share of the CPU time (page faults of fresh tensor memory{fix}).")
     notes.append(f"total {sum(result['elapsed_s'].values()):.0f} s")
@@ -1010,6 +1061,7 @@ def train_row(case: ModelCase, precision: str, settings: Settings) -> Row:
         "first_step_s": plain.first,  # the cold one (runs first): allocations, oneDNN kernels, compilation
         "fit_first_step_s": fit.first,
         "keras_ms": keras_reference("train", case.model, case.regime, precision, settings),
+        "gflop_per_step": train_gflop(case.model, case.regime, batch, size),
     }
 
 
@@ -1121,7 +1173,9 @@ def infer_rows(model: str, settings: Settings) -> list[Row]:
         release_memory()
     rows.append(onnx_row(model, images, settings))
     release_memory()
+    gflop = forward_gflop(model, size)
     for row in rows:
+        row["gflop_per_image"] = gflop
         if row["variant"] in ("eager", "onnxruntime"):
             row["keras_img_s"] = keras_reference("infer", model, "infer", row["precision"], settings)
     return rows
@@ -1354,7 +1408,7 @@ def run(settings: Settings, echo: Callable[[str], None] | None = None) -> dict[s
 
 
 def _run_sections(settings: Settings, echo: Callable[[str], None] | None) -> dict[str, Any]:
-    machine = machine_info(torch.device(settings.device))
+    machine = machine_info(torch.device(settings.device), n=1024 if settings.quick else 2048)
     result: dict[str, Any] = {
         "machine": machine,
         "settings": asdict(settings),
@@ -1368,7 +1422,7 @@ def _run_sections(settings: Settings, echo: Callable[[str], None] | None) -> dic
         echo(format_header(machine, settings))
     for name in settings.sections:
         start, cpu_start = time.perf_counter(), time.process_time()
-        rows = RUNNERS[name](settings)
+        rows = add_compute_shares(RUNNERS[name](settings), machine["matmul_fp32_gflops"])
         result["sections"][name] = rows
         result["elapsed_s"][name] = elapsed = time.perf_counter() - start
         result["cpu_s"][name] = cpu = time.process_time() - cpu_start
@@ -1376,6 +1430,30 @@ def _run_sections(settings: Settings, echo: Callable[[str], None] | None) -> dic
         if echo:
             echo("\n" + format_section(name, rows, elapsed, cpu, machine["torch_threads"]))
     return result
+
+
+def _share(gflop: float | None, seconds: float | None, peak: float) -> tuple[float | None, float | None]:
+    if gflop is None or not seconds or not math.isfinite(seconds):
+        return None, None
+    rate = gflop / seconds
+    return rate, rate / peak
+
+
+def add_compute_shares(rows: list[Row], matmul_rate: float) -> list[Row]:
+    """GFLOP/s of the training and inference rows, and their share of the measured matmul rate; the same
+    share for the Keras reference (well above 100%: that speed needs more compute than this machine delivers)."""
+    for row in rows:
+        if "gflop_per_step" in row:
+            fit_ms, keras_ms = row.get("fit_ms"), row.get("keras_ms")
+            row["fit_gflop_s"], row["fit_matmul_share"] = _share(
+                row["gflop_per_step"], fit_ms and fit_ms / 1000, matmul_rate
+            )
+            row["keras_matmul_share"] = _share(row["gflop_per_step"], keras_ms and keras_ms / 1000, matmul_rate)[1]
+        elif "gflop_per_image" in row:
+            img_s, keras = row.get("img_s"), row.get("keras_img_s")
+            row["gflop_s"], row["matmul_share"] = _share(row["gflop_per_image"], img_s and 1 / img_s, matmul_rate)
+            row["keras_matmul_share"] = _share(row["gflop_per_image"], keras and 1 / keras, matmul_rate)[1]
+    return rows
 
 
 def _json_ready(value: Any) -> Any:

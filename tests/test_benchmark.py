@@ -52,11 +52,15 @@ def test_quick_run_writes_every_section(demo_root: Path, tmp_path: Path, capsys:
         assert math.isfinite(row["overhead"]) and row["overhead"] > -1
         assert math.isfinite(row["trainer_overhead"]) and row["trainer_overhead"] > -1
         assert row["keras_ms"] is None  # not the lab's sizes
+        trainable = row["case"] in ("all", "train")  # FLOPs only where the whole network trains
+        assert _positive(row["fit_gflop_s"]) == _positive(row["fit_matmul_share"]) == trainable, row["case"]
+    assert _positive(machine["matmul_fp32_gflops"])
 
     infer = {(r["model"], r["variant"], r["memory_format"]): r for r in sections["infer"]}
     for model in ("classifier", "unet"):
         for key in [(model, "eager", "contiguous"), (model, "eager", "channels_last"), (model, "onnxruntime", "-")]:
             assert _positive(infer[key]["img_s"]), key
+            assert infer[key]["gflop_s"] == pytest.approx(infer[key]["img_s"] * infer[key]["gflop_per_image"])
         assert _positive(infer[(model, "onnxruntime", "-")]["setup_s"])
 
     memory = {r["case"]: r for r in sections["memory"]}
@@ -159,7 +163,31 @@ def test_json_is_strict(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"a": None, "b": [1, None], "c": 1.5}
 
 
+def test_forward_flops() -> None:
+    """The fully convolutional U-Net's FLOPs grow 4x for twice the side; MobileNetV2-050 at 224 px is the
+    published ~97 M multiply-adds (timm: 0.1 GMACs) plus the lab's 1.84 M-parameter head."""
+    small, large = bm.forward_gflop("unet", 32), bm.forward_gflop("unet", 64)
+    assert small > 0 and large == pytest.approx(4 * small, rel=1e-6)
+    assert bm.forward_gflop("classifier", 224) == pytest.approx(2 * (0.097 + 0.00184), rel=0.05)
+    assert bm.train_gflop("classifier", "head", 32, 64) is None
+    assert bm.train_gflop("unet", "train", 2, 32) == pytest.approx(3 * 2 * bm.forward_gflop("unet", 32))
+
+
+def test_compute_shares() -> None:
+    rows = [
+        {"gflop_per_step": 10.0, "fit_ms": 500.0, "keras_ms": 50.0},
+        {"gflop_per_step": None, "fit_ms": 500.0, "keras_ms": None},
+        {"gflop_per_image": 2.0, "img_s": 25.0, "keras_img_s": None},
+    ]
+    step, frozen, infer = bm.add_compute_shares(rows, matmul_rate=100.0)
+    assert step["fit_gflop_s"] == pytest.approx(20.0) and step["fit_matmul_share"] == pytest.approx(0.2)
+    assert step["keras_matmul_share"] == pytest.approx(2.0)  # Keras' speed would need 2x this machine's matmul
+    assert frozen["fit_gflop_s"] is None and frozen["keras_matmul_share"] is None
+    assert infer["gflop_s"] == pytest.approx(50.0) and infer["matmul_share"] == pytest.approx(0.5)
+    assert infer["keras_matmul_share"] is None
+
+
 def test_machine_info_has_the_header_fields() -> None:
-    info = bm.machine_info(bm.torch.device("cpu"))
+    info = bm.machine_info(bm.torch.device("cpu"), n=256)
     header = bm.format_header(info, bm.Settings())
     assert info["cpu"] in header and f"torch {info['torch_threads']}" in header and info["gpu"] is None
