@@ -25,15 +25,17 @@ Sections:
     untimed) with the worker count the configs pick.
 ``train``
     ms/step and images/s of both models, the same model class, batch, precision (autocast) and memory
-    format three ways: ``loop``, a plain PyTorch loop computing ``shared_step``'s loss (no metrics, no
-    logging), ``+metrics``, the loop calling ``model.shared_step`` itself (first memory format only), and
-    ``fit``, ``Trainer.fit``. All three read the same pre-made in-memory batches: the Trainer gets a
+    format three ways: ``fit``, ``Trainer.fit``; ``loop``, a plain PyTorch step computing ``shared_step``'s
+    loss (no metrics, no logging) on a twin model, run right after each fit step on the same batch (paired:
+    both see the same moment of a noisy machine); ``+metrics``, a plain loop calling ``model.shared_step``
+    itself (first memory format only). All read the same pre-made in-memory batches: the Trainer gets a
     DataLoader over them (``batch_size=None``: no decoding, no collation), so its number is compute plus
-    Lightning and the data cost is the ``loader`` section's. ``fit ms`` is the interval between consecutive
-    ``on_train_batch_end`` (a whole loop cycle: batch fetch, hooks, forward, backward, optimizer step),
-    ``hook ms`` the ``on_train_batch_start`` -> ``on_train_batch_end`` part. ``overhead`` = fit / loop - 1
-    (target <= 5%), ``trainer`` = fit / +metrics - 1 (Lightning's own share; the rest is the metrics).
-    ``1st step s`` is the loop's first (cold) step: allocations, oneDNN kernel creation, compilation.
+    Lightning and the data cost is the ``loader`` section's. ``fit ms`` is a whole fit cycle (batch fetch,
+    hooks, forward, backward, optimizer step: from the end of the previous paired plain step to
+    ``on_train_batch_end``), ``hook ms`` the ``on_train_batch_start`` -> ``on_train_batch_end`` part.
+    ``overhead`` = the median over steps of fit / loop - 1 (target <= 5%), ``trainer`` = fit / +metrics - 1
+    (Lightning's own share; the rest is the metrics). ``1st step s`` is the case's first (cold) step:
+    allocations, oneDNN kernel creation, compilation.
 ``cache``
     The frozen-backbone regimes (``head``, ``last_4_blocks``) trained through ``Trainer.fit`` on the
     train split twice: reading images every epoch, and with :class:`FrozenFeatureCache` (the frozen prefix
@@ -590,10 +592,10 @@ def format_notes(result: dict[str, Any]) -> str:
     notes = []
     if "train" in result["sections"]:
         notes.append(
-            "train: loop = a plain loop over the same pre-made batches computing shared_step's loss (no metrics, "
-            "no logging); +metrics = the loop calling model.shared_step; fit = Trainer.fit over those batches in "
-            "memory, from one on_train_batch_end to the next; hook = on_train_batch_start -> end; overhead = "
-            "fit / loop - 1; trainer = fit / +metrics - 1 (Lightning's own share)."
+            "train: fit = Trainer.fit over pre-made batches in memory, one whole cycle per step; loop = a plain step "
+            "computing shared_step's loss (no metrics, no logging) on a twin model, run after each fit step on the "
+            "same batch; +metrics = a plain loop calling model.shared_step; hook = on_train_batch_start -> end; "
+            "overhead = median over steps of fit / loop - 1; trainer = fit / +metrics - 1 (Lightning's own share)."
         )
     if any(k[0] in result["sections"] for k in KERAS_REFERENCE):
         notes.append(
@@ -902,16 +904,20 @@ def bench_cache(settings: Settings) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_timer(device: torch.device) -> Any:
+def _step_timer(device: torch.device, paired: PlainStepper | None = None) -> Any:
     from lightning.pytorch.callbacks import Callback
 
     class StepTimer(Callback):
         """``time.perf_counter()`` at every ``on_train_batch_start``/``on_train_batch_end`` (device-synced),
-        and the process's CPU usage at every batch end."""
+        and the process's CPU usage at every batch end. With ``paired``, every batch end then runs one plain
+        step of the twin model on the same batch (timed on its own, outside the fit's cycle), so each fit
+        step has a plain step next to it: the two see the same moment of a noisy machine."""
 
         def __init__(self) -> None:
             self.starts: list[float] = []
             self.ends: list[float] = []
+            self.resumes: list[float] = []  # where the next fit cycle starts (after the paired step)
+            self.plain: list[float] = []
             self.usage: list[tuple[float, float]] = []
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -922,8 +928,49 @@ def _step_timer(device: torch.device) -> Any:
             synchronize(device)
             self.ends.append(time.perf_counter())
             self.usage.append(cpu_usage())
+            if paired is not None:
+                self.plain.append(paired.step(batch))
+            self.resumes.append(time.perf_counter())
 
     return StepTimer()
+
+
+class PlainStepper:
+    """A hand-written training step of one model case: batch to device, autocast forward + ``loss_fn``,
+    backward, optimizer step (a GradScaler for 16-mixed, as Lightning). ``step(batch)`` returns its seconds."""
+
+    def __init__(
+        self,
+        case: ModelCase,
+        size: int,
+        precision: str,
+        device: torch.device,
+        loss_fn: Callable[[Any, dict[str, Any]], torch.Tensor] = plain_loss,
+    ) -> None:
+        self.device, self.precision, self.loss_fn = device, precision, loss_fn
+        self.model = case.build(size).to(device)
+        self.model.configure_model()
+        self.model.train()
+        self.optimizer = self.model.configure_optimizers()
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+
+    def step(self, batch: dict[str, Any]) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            batch = to_device(batch, self.device)
+            with autocast(self.device, self.precision):
+                loss = self.loss_fn(self.model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        synchronize(self.device)
+        return time.perf_counter() - start
 
 
 @dataclass
@@ -937,23 +984,30 @@ class StepTimes:
     kernel: float
 
 
-def fit_step_times(case: ModelCase, batches: Sequence[dict], precision: str, settings: Settings) -> StepTimes:
-    """Steps of ``Trainer.fit`` over in-memory batches: warm-up steps then ``repeats`` timed ones."""
+def fit_step_times(
+    case: ModelCase, batches: Sequence[dict], precision: str, settings: Settings, paired: PlainStepper | None = None
+) -> tuple[StepTimes, StepTimes | None]:
+    """Steps of ``Trainer.fit`` over in-memory batches: warm-up steps then ``repeats`` timed ones; with
+    ``paired``, also the plain steps run between them (see :func:`_step_timer`)."""
     device = torch.device(settings.device)
     steps = settings.warmup + settings.repeats
     model = case.build(batches[0]["image"].shape[-1])
-    timer = _step_timer(device)
+    timer = _step_timer(device, paired)
     loader = torch.utils.data.DataLoader(InMemoryBatches(batches, steps), batch_size=None, shuffle=False)
     with quiet():
         trainer = bench_trainer(device, [timer], precision=precision, max_epochs=1, limit_train_batches=steps)
         trainer.fit(model, train_dataloaders=loader)
-    starts, ends, w = timer.starts, timer.ends, settings.warmup
-    return StepTimes(
-        cycle=[ends[i] - ends[i - 1] for i in range(w, steps)],
+    starts, ends, resumes, w = timer.starts, timer.ends, timer.resumes, settings.warmup
+    fit = StepTimes(
+        cycle=[ends[i] - resumes[i - 1] for i in range(w, steps)],
         hook=[ends[i] - starts[i] for i in range(w, steps)],
         first=ends[0] - starts[0],
         kernel=kernel_share(timer.usage[w - 1], timer.usage[-1]),
     )
+    if paired is None:
+        return fit, None
+    plain = timer.plain[w:]
+    return fit, StepTimes(cycle=plain, hook=plain, first=timer.plain[0], kernel=float("nan"))
 
 
 def module_step_loss(module: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -968,34 +1022,14 @@ def plain_step_times(
     settings: Settings,
     loss_fn: Callable[[Any, dict[str, Any]], torch.Tensor] = plain_loss,
 ) -> StepTimes:
-    """The same steps as :func:`fit_step_times` in a hand-written loop: batch to device, autocast forward +
-    ``loss_fn``, backward, optimizer step (a GradScaler for 16-mixed, as Lightning)."""
-    device = torch.device(settings.device)
-    model = case.build(batches[0]["image"].shape[-1]).to(device)
-    model.configure_model()
-    model.train()
-    optimizer = model.configure_optimizers()
-    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+    """The same steps as :func:`fit_step_times` in a hand-written loop (:class:`PlainStepper`)."""
+    stepper = PlainStepper(case, batches[0]["image"].shape[-1], precision, torch.device(settings.device), loss_fn)
     times, usage = [], cpu_usage()
     with quiet():  # shared_step's self.log warns without a Trainer
         for i in range(settings.warmup + settings.repeats):
             if i == settings.warmup:
                 usage = cpu_usage()
-            synchronize(device)
-            start = time.perf_counter()
-            batch = to_device(batches[i % len(batches)], device)
-            with autocast(device, precision):
-                loss = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+            times.append(stepper.step(batches[i % len(batches)]))
     timed = times[settings.warmup :]
     return StepTimes(cycle=timed, hook=timed, first=times[0], kernel=kernel_share(usage, cpu_usage()))
 
@@ -1023,18 +1057,20 @@ def keras_reference(section: str, model: str, case: str, precision: str, setting
 
 
 def train_row(case: ModelCase, precision: str, settings: Settings) -> Row:
-    """One model configuration three ways: plain loop (loss only), plain loop over ``shared_step`` (first memory
-    format only), Trainer.fit. ``overhead_of_min`` compares the fastest steps (robust to a busy machine)."""
+    """One model configuration three ways: plain loop over ``shared_step`` (first memory format only), then
+    Trainer.fit with a paired plain step (loss only) after each of its steps. ``overhead_of_min`` compares
+    the fastest steps."""
     size = settings.classifier_size if case.model == "classifier" else settings.unet_size
     batch = settings.classifier_batch if case.model == "classifier" else settings.unet_batch
     batches = make_batches(case.model, min(4, settings.warmup + settings.repeats), batch, size)
-    plain = plain_step_times(case, batches, precision, settings)
-    release_memory()
-    step_ms = float("nan")
+    metrics = None
     if case.memory_format == settings.memory_formats[0]:  # the metrics' cost does not depend on the layout
-        step_ms = median(plain_step_times(case, batches, precision, settings, loss_fn=module_step_loss).cycle) * 1000
+        metrics = plain_step_times(case, batches, precision, settings, loss_fn=module_step_loss)
         release_memory()
-    fit = fit_step_times(case, batches, precision, settings)
+    step_ms = median(metrics.cycle) * 1000 if metrics else float("nan")
+    twin = PlainStepper(case, size, precision, torch.device(settings.device))
+    fit, plain = fit_step_times(case, batches, precision, settings, paired=twin)
+    del twin
     release_memory()
     plain_ms, fit_ms = median(plain.cycle) * 1000, median(fit.cycle) * 1000
     return {
@@ -1049,16 +1085,16 @@ def train_row(case: ModelCase, precision: str, settings: Settings) -> Row:
         "step_ms": step_ms,
         "fit_ms": fit_ms,
         "hook_ms": median(fit.hook) * 1000,
-        "overhead": fit_ms / plain_ms - 1,
+        "overhead": median(f / p for f, p in zip(fit.cycle, plain.cycle, strict=True)) - 1,
         "trainer_overhead": fit_ms / step_ms - 1,
         "overhead_of_min": min(fit.cycle) / min(plain.cycle) - 1,
         "plain_img_s": batch / plain_ms * 1000,
         "fit_img_s": batch / fit_ms * 1000,
         "plain_spread": spread(plain.cycle),
         "fit_spread": spread(fit.cycle),
-        "plain_kernel": plain.kernel,
         "fit_kernel": fit.kernel,
-        "first_step_s": plain.first,  # the cold one (runs first): allocations, oneDNN kernels, compilation
+        # the cold step (the case's first): allocations, oneDNN kernel creation, compilation
+        "first_step_s": metrics.first if metrics else fit.first,
         "fit_first_step_s": fit.first,
         "keras_ms": keras_reference("train", case.model, case.regime, precision, settings),
         "gflop_per_step": train_gflop(case.model, case.regime, batch, size),
