@@ -45,7 +45,9 @@ Sections:
     images/s at ``--infer-batch``: eager contiguous and channels_last (float32), autocast rows for each
     mixed precision asked for, ``torch.compile`` (``--compile``; compile time in ``setup s``), ONNX Runtime
     on the graph :func:`covid_lightning.export.export_onnx` writes (export time in ``setup s``; intra-op
-    threads = torch's; on CUDA it is fed from host memory, the eager rows from the GPU).
+    threads = torch's; on CUDA it is fed from host memory, the eager rows from the GPU), and its int8 version
+    (:mod:`covid_lightning.quantize`; calibrated on the timed batch, so a speed figure only: what int8 costs
+    in accuracy is measured per model by ``scripts/quantize_eval.py``).
 ``GFLOP/s`` and ``% matmul`` (train and infer)
     The model's convolution and matmul FLOPs (``torch.utils.flop_counter`` on one forward pass; a training
     step of a fully trainable model = 3 x forward x batch) per second, and that rate over the float32 matmul
@@ -605,7 +607,8 @@ def format_notes(result: dict[str, Any]) -> str:
         notes.append(
             "GFLOP/s = the model's convolution/matmul FLOPs per second (training: 3 x forward, fully trainable "
             "rows only); % matmul = that over the float32 matmul rate measured in the header (near 100%: as "
-            "compute-bound as this machine's BLAS; a tuned convolution can exceed it a little). keras % matmul "
+            "compute-bound as this machine's BLAS; a tuned convolution can exceed it a little, int8 rows count the "
+            "same operations in int8). keras % matmul "
             "well above 100%: the Keras reference's speed needs more float32 compute than this machine delivers."
         )
         fix = "" if result["settings"].get("malloc") == "heap" else "; try --malloc heap"
@@ -1155,39 +1158,54 @@ def compiled_row(model: str, images: torch.Tensor, settings: Settings) -> Row:
     return row | {"setup_s": compile_s, "note": "setup = compile + first call"}
 
 
-def onnx_session(model: str, size: int, settings: Settings) -> tuple[Any, float]:
-    """An ONNX Runtime session on :func:`export_onnx`'s graph (intra-op threads = torch's), and the export time."""
+def _ort_session(path: Path, settings: Settings) -> Any:
     import onnxruntime as ort
 
-    from covid_lightning.export import export_onnx
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if settings.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
 
+
+def onnx_rows(model: str, images: torch.Tensor, settings: Settings) -> list[Row]:
+    """ONNX Runtime on :func:`covid_lightning.export.export_onnx`'s graph (intra-op threads = torch's), fed the
+    uint8 batch from host memory (``setup_s``: the export), then its int8 version
+    (:mod:`covid_lightning.quantize`, calibrated on the timed batch: a speed figure only; ``setup_s``: the
+    quantization). Accuracy of int8 is a model's question: ``scripts/quantize_eval.py``."""
+    batch, size = images.shape[0], images.shape[-1]
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        return [
+            _infer_row(model, "onnxruntime", "-", "32-true", batch, size, Timing([float("nan")]))
+            | {"note": f"skipped: {err}"}
+        ]
+    from covid_lightning.export import export_onnx
+    from covid_lightning.quantize import quantize_onnx
+
+    feed = {"image": images.cpu().contiguous().numpy()}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp, quiet():
         start = time.perf_counter()
         path = export_onnx(ModelCase(model).build(size), Path(tmp) / f"{model}.onnx", opset=settings.onnx_opset)
-        export_s = time.perf_counter() - start
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if settings.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        return ort.InferenceSession(str(path), options, providers=providers), export_s
-
-
-def onnx_row(model: str, images: torch.Tensor, settings: Settings) -> Row:
-    """ONNX Runtime, fed the uint8 batch from host memory; the export time is ``setup_s``."""
-    batch, size = images.shape[0], images.shape[-1]
-    try:
-        session, export_s = onnx_session(model, size, settings)
-    except ImportError as err:
-        return _infer_row(model, "onnxruntime", "-", "32-true", batch, size, Timing([float("nan")])) | {
-            "note": f"skipped: {err}"
-        }
-    feed = {"image": images.cpu().contiguous().numpy()}
-    timing = time_calls(lambda: session.run(None, feed), settings.warmup, settings.repeats, torch.device("cpu"))
-    provider = session.get_providers()[0].replace("ExecutionProvider", "")
-    row = _infer_row(model, "onnxruntime", "-", "32-true", batch, size, timing)
-    return row | {"setup_s": export_s, "note": f"{provider}, opset {settings.onnx_opset}, setup = export"}
+        variants = [("onnxruntime", "32-true", path, time.perf_counter() - start)]
+        start = time.perf_counter()
+        int8 = quantize_onnx(path, None, [feed["image"]])
+        variants.append(("onnxruntime int8", "int8", int8, time.perf_counter() - start))
+        for variant, precision, file, setup_s in variants:
+            session = _ort_session(file, settings)
+            timing = time_calls(
+                lambda s=session: s.run(None, feed), settings.warmup, settings.repeats, torch.device("cpu")
+            )
+            provider = session.get_providers()[0].replace("ExecutionProvider", "")
+            what = "export" if precision == "32-true" else "quantize (QDQ, calibrated on this batch)"
+            row = _infer_row(model, variant, "-", precision, batch, size, timing)
+            rows.append(row | {"setup_s": setup_s, "note": f"{provider}, opset {settings.onnx_opset}, setup = {what}"})
+            del session
+    return rows
 
 
 def infer_rows(model: str, settings: Settings) -> list[Row]:
@@ -1207,7 +1225,7 @@ def infer_rows(model: str, settings: Settings) -> list[Row]:
     if settings.compile:
         rows.append(compiled_row(model, images, settings))
         release_memory()
-    rows.append(onnx_row(model, images, settings))
+    rows += onnx_rows(model, images, settings)
     release_memory()
     gflop = forward_gflop(model, size)
     for row in rows:

@@ -266,7 +266,8 @@ def export_torchscript(model: nn.Module, path: str | Path, *, checkpoint: str | 
 
 
 def main(argv: Sequence[str]) -> int:
-    """``covid-lightning export --ckpt PATH [--out DIR] [--format onnx torchscript] [--opset N]``."""
+    """``covid-lightning export --ckpt PATH [--out DIR] [--format onnx torchscript] [--opset N]
+    [--quantize int8 --calibrate DIR]``."""
     parser = argparse.ArgumentParser(
         prog="covid-lightning export",
         description="Export a covid-lightning checkpoint to ONNX and/or TorchScript, with its preprocessing "
@@ -284,9 +285,27 @@ def main(argv: Sequence[str]) -> int:
         help=f"ONNX opset (default {DEFAULT_OPSET}; below {DYNAMO_MIN_OPSET} uses the legacy TorchScript-based "
         "exporter)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="also write <stem>.int8.onnx (ONNX Runtime static quantization; needs --calibrate)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        type=Path,
+        default=None,
+        help="folder of radiographs (e.g. the dataset root; Kaggle masks skipped) to calibrate and check int8 on",
+    )
+    parser.add_argument("--calibration-images", type=int, default=128, help="images to calibrate on (default 128)")
+    parser.add_argument(
+        "--check-images", type=int, default=64, help="other images to compare int8 with float32 on (default 64)"
+    )
     args = parser.parse_args(list(argv))
     if not args.ckpt.is_file():
         parser.error(f"checkpoint not found: {args.ckpt}")
+    if args.quantize and args.calibrate is None:
+        parser.error("--quantize int8 needs --calibrate DIR: a folder of radiographs to measure activation ranges on")
 
     from covid_lightning.inference import load_checkpoint
 
@@ -295,7 +314,8 @@ def main(argv: Sequence[str]) -> int:
     except TypeError as err:
         parser.error(str(err))
     out = args.out if args.out is not None else args.ckpt.parent
-    for fmt in dict.fromkeys(args.format):
+    formats = [*args.format, "onnx"] if args.quantize else args.format
+    for fmt in dict.fromkeys(formats):
         target = out / f"{args.ckpt.stem}{FORMATS[fmt]}"
         if fmt == "onnx":
             written = export_onnx(model, target, opset=args.opset, checkpoint=args.ckpt)
@@ -303,4 +323,28 @@ def main(argv: Sequence[str]) -> int:
             written = export_torchscript(model, target, checkpoint=args.ckpt)
         print(written)
         print(sidecar_path(written))
+        if fmt == "onnx" and args.quantize:
+            _quantize(written, int(model.hparams.image_size), args)
     return 0
+
+
+def _quantize(onnx_path: Path, image_size: int, args: argparse.Namespace) -> None:
+    """``--quantize int8``: calibrate on ``--calibration-images`` images of ``--calibrate``, compare with the
+    float32 graph on ``--check-images`` others, print both files and the comparison."""
+    import random
+
+    from covid_lightning.lungs import image_files
+    from covid_lightning.quantize import agreement, calibration_batches, quantize_onnx
+
+    paths = image_files(args.calibrate, skip_kaggle_masks=True)
+    random.Random(0).shuffle(paths)
+    calibration, check = paths[: args.calibration_images], paths[args.calibration_images :][: args.check_images]
+    written = quantize_onnx(onnx_path, None, calibration_batches(calibration, image_size, count=len(calibration)))
+    print(written)
+    print(sidecar_path(written))
+    if not check:
+        print("int8 vs float32: no images left for the check (the calibration used them all)")
+        return
+    report = agreement(onnx_path, written, calibration_batches(check, image_size, count=len(check)))
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in report.items() if k != "images")
+    print(f"int8 vs float32 on {report['images']} images not used for calibration: {figures}")

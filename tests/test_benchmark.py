@@ -58,7 +58,12 @@ def test_quick_run_writes_every_section(demo_root: Path, tmp_path: Path, capsys:
 
     infer = {(r["model"], r["variant"], r["memory_format"]): r for r in sections["infer"]}
     for model in ("classifier", "unet"):
-        for key in [(model, "eager", "contiguous"), (model, "eager", "channels_last"), (model, "onnxruntime", "-")]:
+        for key in [
+            (model, "eager", "contiguous"),
+            (model, "eager", "channels_last"),
+            (model, "onnxruntime", "-"),
+            (model, "onnxruntime int8", "-"),
+        ]:
             assert _positive(infer[key]["img_s"]), key
             assert infer[key]["gflop_s"] == pytest.approx(infer[key]["img_s"] * infer[key]["gflop_per_image"])
         assert _positive(infer[(model, "onnxruntime", "-")]["setup_s"])

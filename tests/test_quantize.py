@@ -1,0 +1,118 @@
+"""INT8 ONNX: a valid quantized graph with the float32 contract, outputs close to float32, honest scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covid_lightning.export import export_onnx, load_contract, main
+from covid_lightning.inference import load_checkpoint
+from covid_lightning.lungs import image_files
+from covid_lightning.quantize import (
+    agreement,
+    calibration_batches,
+    int8_path,
+    labelled_scores,
+    load_batch,
+    quantize_onnx,
+    session,
+    throughput,
+)
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime.quantization")
+
+
+@pytest.fixture(scope="module", params=["classifier", "segmenter"])
+def quantized(request: pytest.FixtureRequest, demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    ckpt = request.getfixturevalue(f"{request.param}_ckpt")
+    model = load_checkpoint(ckpt).eval()
+    out = tmp_path_factory.mktemp(f"int8_{request.param}")
+    fp32 = export_onnx(model, out / "model.onnx", checkpoint=ckpt)
+    paths = image_files(demo_root, skip_kaggle_masks=True)
+    size = int(model.hparams.image_size)
+    int8 = quantize_onnx(fp32, None, calibration_batches(paths, size, count=16, batch=8))
+    return request.param, model, fp32, int8, paths
+
+
+def test_int8_graph_carries_the_contract(quantized) -> None:
+    kind, _, fp32, int8, _ = quantized
+    assert int8 == int8_path(fp32) == fp32.with_name("model.int8.onnx")
+    proto = onnx.load(str(int8))
+    onnx.checker.check_model(proto)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)  # int8 weights
+    contract, base = load_contract(int8), load_contract(fp32)
+    assert contract["quantization"]["calibration_images"] == 16 and contract["file"] == "model.int8.onnx"
+    assert {k: v for k, v in contract.items() if k not in ("quantization", "file")} == {
+        k: v for k, v in base.items() if k != "file"
+    }
+    meta = session(int8).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["contract"]) == contract and meta["kind"] == kind
+
+
+def test_int8_stays_close_to_float32(quantized) -> None:
+    kind, _, fp32, int8, paths = quantized
+    batch = load_batch(paths[-8:], load_contract(fp32)["image_size"])
+    same = agreement(fp32, fp32, [batch])
+    assert same["max_prob_diff"] == 0.0 and same.get("top1_agreement", same.get("mask_dice")) == 1.0
+    a, b = (session(p).run(["probs"], {"image": batch})[0] for p in (fp32, int8))
+    assert a.shape == b.shape and float(np.abs(a - b).mean()) < 0.05  # a broken scale/zero point is far off
+    report = agreement(fp32, int8, [batch])
+    assert report["images"] == 8 and 0 <= report["max_prob_diff"] <= 1
+    assert throughput(int8, batch, repeats=2, threads=1) > 0
+
+
+def test_labelled_scores_match_pytorch(quantized, demo_root: Path) -> None:
+    """The float32 graph scored on labelled records gives what the PyTorch model gives on the same images."""
+    from covid_lightning.data.scan import scan_dataset
+
+    kind, model, fp32, _, _ = quantized
+    records = scan_dataset(demo_root, with_masks=kind == "segmenter")[::3]
+    size = int(model.hparams.image_size)
+    images = torch.from_numpy(load_batch([r.path for r in records], size))
+    with torch.no_grad():
+        logits = model(images).float()
+    scores = labelled_scores(fp32, records, batch=5)
+    if kind == "classifier":
+        expected = (logits.argmax(1) == torch.tensor([r.label for r in records])).float().mean().item()
+        assert scores["accuracy"] == pytest.approx(expected)
+        return
+    import cv2
+
+    from covid_lightning.data.transforms import load_mask
+
+    # the briefly trained demo segmenter is unsure everywhere: threshold at its median probability, so the
+    # masks compared are half lung, half not (the contract's threshold is what the scoring reads)
+    probs = logits.sigmoid()[:, 0]
+    threshold = probs.median().item()
+    contract = load_contract(fp32) | {"threshold": threshold}
+    fp32 = fp32.with_name("median_threshold.onnx")
+    fp32.write_bytes(quantized[2].read_bytes())
+    fp32.with_name(fp32.name + ".json").write_text(json.dumps(contract))
+    scores = labelled_scores(fp32, records, batch=5)
+    pred = probs > threshold
+    truth = torch.from_numpy(
+        np.stack([cv2.resize(load_mask(r.mask_path), (size, size), interpolation=cv2.INTER_NEAREST) for r in records])
+    ).bool()
+    dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert scores["dice"] == pytest.approx(dice.item(), abs=1e-3)  # float32 ONNX vs torch: a pixel or two
+    assert 0 < scores["iou"] <= scores["dice"] <= 1
+
+
+def test_export_cli_quantizes(segmenter_ckpt: Path, demo_root: Path, tmp_path: Path, capsys) -> None:
+    argv = ["--ckpt", str(segmenter_ckpt), "--out", str(tmp_path), "--quantize", "int8"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "--calibrate" in capsys.readouterr().err
+    assert main([*argv, "--calibrate", str(demo_root), "--calibration-images", "8", "--check-images", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stem = segmenter_ckpt.stem
+    assert lines[:4] == [str(tmp_path / f"{stem}{s}") for s in (".onnx", ".onnx.json", ".int8.onnx", ".int8.onnx.json")]
+    assert lines[4].startswith("int8 vs float32 on 4 images not used for calibration: ") and "mask_dice" in lines[4]
+    assert load_contract(tmp_path / f"{stem}.int8.onnx")["quantization"]["calibration_images"] == 8
