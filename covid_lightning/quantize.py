@@ -23,7 +23,6 @@ little); CPUs with AVX512-VNNI / AMX gain more.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -33,8 +32,6 @@ from typing import Any
 import numpy as np
 
 from covid_lightning.export import load_contract, sidecar_path
-
-log = logging.getLogger(__name__)
 
 #: How the int8 file is made (recorded in its contract).
 QUANTIZATION = {
