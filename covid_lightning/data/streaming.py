@@ -22,10 +22,10 @@ Each item is a dict of five leaves:
 Why encoded bytes and not uint8 arrays: the files are already compressed. On the real Kaggle sample an item
 is 38.5 KiB stored, against 87 KiB for the decoded gray array and 262 KiB for the RGB array the pipelines
 use, so chunks are 2.3-6.8x smaller to store, download and cache. And the reader decodes them with the very
-code that decodes files (PIL + ``to_rgb_array``, the mask threshold of ``load_mask``), so streamed samples
-equal the folder samples bit for bit. The price is the PNG decode, ~1-3 ms per 299x299 image on one core
-(~0.9 ms for a 224x224 one stored with ``image_size=224``, which also makes an item 22 KiB): the same
-work the folder path does.
+code that decodes files (``transforms.decode_rgb`` / ``decode_binary_mask``, under ``load_image`` / ``load_mask``),
+so streamed samples equal the folder samples bit for bit. The price is the PNG decode, ~1-3 ms per 299x299
+image on one core (~0.9 ms for a 224x224 one stored with ``image_size=224``, which also makes an item
+22 KiB): the same work the folder path does.
 
 Masks (``masks=None``, the default): stored when every kept image has ``<Class>/masks/<same name>`` (the
 Kaggle release with masks, the demo); then one optimized dataset serves both the classifier and the
@@ -81,14 +81,7 @@ from covid_lightning.data.datasets import sample_seed  # noqa: E402
 from covid_lightning.data.hygiene import inspection_cache_file, screen_records  # noqa: E402
 from covid_lightning.data.scan import CLASSES, DatasetError, Record, find_dataset_root, scan_dataset  # noqa: E402
 from covid_lightning.data.split import GROUP_FIELD, SPLITS, read_manifest, stratified_split, write_manifest  # noqa: E402
-from covid_lightning.data.transforms import (  # noqa: E402
-    ImageReadError,
-    binarize_mask,
-    cv2_decode,
-    mask_from_cv2,
-    rgb_from_cv2,
-    to_rgb_array,
-)
+from covid_lightning.data.transforms import ImageReadError, decode_binary_mask, decode_rgb  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -453,26 +446,18 @@ def optimize_dataset(
 
 def decode_image(data: bytes | memoryview, name: str = "image") -> np.ndarray:
     """Encoded image bytes -> HxWx3 uint8 RGB, as :func:`~covid_lightning.data.transforms.load_image` decodes a file."""
-    rgb = rgb_from_cv2(cv2_decode(data))
-    if rgb is not None:
-        return rgb
     try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            return to_rgb_array(im)
+        return decode_rgb(data)
     except OSError as err:
         raise ImageReadError(f"Cannot decode image {name}: {err}.") from err
 
 
 def decode_mask(data: bytes | memoryview, name: str = "mask") -> np.ndarray:
     """Encoded mask bytes -> HxW uint8 {0, 1}, thresholded as :func:`~covid_lightning.data.transforms.load_mask`."""
-    arr = mask_from_cv2(cv2_decode(data))
-    if arr is None:
-        try:
-            with Image.open(io.BytesIO(bytes(data))) as im:
-                arr = np.asarray(im.convert("L"))
-        except OSError as err:
-            raise ImageReadError(f"Cannot decode mask of {name}: {err}.") from err
-    return binarize_mask(arr)
+    try:
+        return decode_binary_mask(data)
+    except OSError as err:
+        raise ImageReadError(f"Cannot decode mask of {name}: {err}.") from err
 
 
 class StreamingXRayDataset(StreamingDataset):

@@ -13,6 +13,7 @@ so they travel with the checkpoint and an exported model, and no two places can 
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Literal
@@ -100,28 +101,49 @@ def binarize_mask(arr: np.ndarray) -> np.ndarray:
     return (arr > (127 if arr.max() > 1 else 0)).astype(np.uint8)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file as HxWx3 uint8 RGB (gray images are repeated over the 3 channels)."""
-    rgb = rgb_from_cv2(cv2_read(path))
+Source = str | Path | bytes | memoryview
+
+
+def _open(source: Source) -> Image.Image:
+    return Image.open(io.BytesIO(bytes(source)) if isinstance(source, (bytes, memoryview)) else source)
+
+
+def decode_rgb(source: Source) -> np.ndarray:
+    """A PNG/JPEG/... file (path) or its bytes -> HxWx3 uint8 RGB: OpenCV for PNG, else PIL (gray images
+    repeated over the 3 channels). Unreadable data raises PIL's ``OSError``."""
+    decoded = cv2_decode(source) if isinstance(source, (bytes, memoryview)) else cv2_read(source)
+    rgb = rgb_from_cv2(decoded)
     if rgb is not None:
         return rgb
+    with _open(source) as im:
+        return to_rgb_array(im)
+
+
+def decode_binary_mask(source: Source) -> np.ndarray:
+    """A mask file (path) or its bytes -> HxW uint8 {0, 1} (:func:`binarize_mask`); OpenCV for PNG, else PIL.
+    Unreadable data raises PIL's ``OSError``."""
+    decoded = cv2_decode(source) if isinstance(source, (bytes, memoryview)) else cv2_read(source)
+    gray = mask_from_cv2(decoded)
+    if gray is None:
+        with _open(source) as im:
+            gray = np.asarray(im.convert("L"))
+    return binarize_mask(gray)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file as HxWx3 uint8 RGB (gray images are repeated over the 3 channels)."""
     try:
-        with Image.open(path) as im:
-            return to_rgb_array(im)
+        return decode_rgb(path)
     except OSError as err:
         raise ImageReadError(f"Cannot decode image {path}: {err}. Remove or replace the file.") from err
 
 
 def load_mask(path: str | Path) -> np.ndarray:
     """Decode a lung mask as HxW uint8 with values {0, 1}: > 127 is lung (masks stored as 0/1: > 0)."""
-    arr = mask_from_cv2(cv2_read(path))
-    if arr is None:
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L"))
-        except OSError as err:
-            raise ImageReadError(f"Cannot decode mask {path}: {err}. Remove or replace the file.") from err
-    return binarize_mask(arr)
+    try:
+        return decode_binary_mask(path)
+    except OSError as err:
+        raise ImageReadError(f"Cannot decode mask {path}: {err}. Remove or replace the file.") from err
 
 
 def _augmentations(augment: str) -> list[A.BasicTransform]:
