@@ -908,13 +908,13 @@ def bench_cache(settings: Settings) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _step_timer(device: torch.device, paired: PlainStepper | None = None) -> Any:
+def _step_timer(device: torch.device, paired: PlainStepper) -> Any:
     from lightning.pytorch.callbacks import Callback
 
     class StepTimer(Callback):
         """``time.perf_counter()`` at every ``on_train_batch_start``/``on_train_batch_end`` (device-synced),
-        and the process's CPU usage at every batch end. With ``paired``, every batch end then runs one plain
-        step of the twin model on the same batch (timed on its own, outside the fit's cycle), so each fit
+        and the process's CPU usage at every batch end. Every batch end then runs one plain step of the twin
+        model ``paired`` on the same batch (timed on its own, outside the fit's cycle), so each fit
         step has a plain step next to it: the two see the same moment of a noisy machine."""
 
         def __init__(self) -> None:
@@ -932,8 +932,7 @@ def _step_timer(device: torch.device, paired: PlainStepper | None = None) -> Any
             synchronize(device)
             self.ends.append(time.perf_counter())
             self.usage.append(cpu_usage())
-            if paired is not None:
-                self.plain.append(paired.step(batch))
+            self.plain.append(paired.step(batch))
             self.resumes.append(time.perf_counter())
 
     return StepTimer()
@@ -989,14 +988,14 @@ class StepTimes:
 
 
 def fit_step_times(
-    case: ModelCase, batches: Sequence[dict], precision: str, settings: Settings, paired: PlainStepper | None = None
-) -> tuple[StepTimes, StepTimes | None]:
-    """Steps of ``Trainer.fit`` over in-memory batches: warm-up steps then ``repeats`` timed ones; with
-    ``paired``, also the plain steps run between them (see :func:`_step_timer`)."""
+    case: ModelCase, batches: Sequence[dict], precision: str, settings: Settings
+) -> tuple[StepTimes, StepTimes]:
+    """Steps of ``Trainer.fit`` over in-memory batches (warm-up steps then ``repeats`` timed ones), and the
+    plain steps of a twin model run between them (:class:`PlainStepper`, see :func:`_step_timer`)."""
     device = torch.device(settings.device)
-    steps = settings.warmup + settings.repeats
-    model = case.build(batches[0]["image"].shape[-1])
-    timer = _step_timer(device, paired)
+    steps, size = settings.warmup + settings.repeats, batches[0]["image"].shape[-1]
+    model = case.build(size)
+    timer = _step_timer(device, PlainStepper(case, size, precision, device))
     loader = torch.utils.data.DataLoader(InMemoryBatches(batches, steps), batch_size=None, shuffle=False)
     with quiet():
         trainer = bench_trainer(device, [timer], precision=precision, max_epochs=1, limit_train_batches=steps)
@@ -1008,8 +1007,6 @@ def fit_step_times(
         first=ends[0] - starts[0],
         kernel=kernel_share(timer.usage[w - 1], timer.usage[-1]),
     )
-    if paired is None:
-        return fit, None
     plain = timer.plain[w:]
     return fit, StepTimes(cycle=plain, hook=plain, first=timer.plain[0], kernel=float("nan"))
 
@@ -1072,9 +1069,7 @@ def train_row(case: ModelCase, precision: str, settings: Settings) -> Row:
         metrics = plain_step_times(case, batches, precision, settings, loss_fn=module_step_loss)
         release_memory()
     step_ms = median(metrics.cycle) * 1000 if metrics else float("nan")
-    twin = PlainStepper(case, size, precision, torch.device(settings.device))
-    fit, plain = fit_step_times(case, batches, precision, settings, paired=twin)
-    del twin
+    fit, plain = fit_step_times(case, batches, precision, settings)
     release_memory()
     plain_ms, fit_ms = median(plain.cycle) * 1000, median(fit.cycle) * 1000
     return {
