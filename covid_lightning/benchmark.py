@@ -232,7 +232,7 @@ def machine_info(device: torch.device, n: int = 2048) -> dict[str, Any]:
     """Everything a reader needs to compare two benchmark runs (``n``: the matmul size of the compute ceiling)."""
     import lightning
 
-    from covid_lightning.cli import cpu_has_fast_bf16
+    from covid_lightning.runtime import cpu_has_fast_bf16
 
     return {
         "cpu": cpu_model(),
@@ -304,7 +304,7 @@ def resolve_device(name: str) -> torch.device:
 
 def default_precisions(device: torch.device) -> tuple[str, ...]:
     """32-true, + bf16-mixed on a CPU with native bf16 kernels or a bf16-capable GPU, + 16-mixed on CUDA."""
-    from covid_lightning.cli import cpu_has_fast_bf16
+    from covid_lightning.runtime import cpu_has_fast_bf16
 
     if device.type == "cuda":
         return ("32-true", "bf16-mixed", "16-mixed") if torch.cuda.is_bf16_supported() else ("32-true", "16-mixed")
