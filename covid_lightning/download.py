@@ -18,15 +18,17 @@ Exit status: 0 the layout matches the expected release, 1 it does not, 2 the dow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from covid_lightning.data.scan import CLASSES, DATASET_DIRNAME, DatasetError, find_dataset_root, is_image_file
-from covid_lightning.models.weights import host_reachable
+from covid_lightning.errors import UserError
+from covid_lightning.models.weights import NETWORK_TIMEOUT, host_reachable
 
 KAGGLE_HANDLE = "tawsifurrahman/covid19-radiography-database"
 DATASET_URL = f"https://www.kaggle.com/datasets/{KAGGLE_HANDLE}"
@@ -41,7 +43,7 @@ EXPECTED_TOTAL = sum(EXPECTED_COUNTS.values())  # 21,165
 _EXAMPLES = 3
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """The dataset cannot be downloaded; the message says why and gives the manual steps."""
 
 
@@ -200,10 +202,16 @@ def _is_kagglehub_output(dest: Path) -> bool:
     return (dest / ".complete" / "datasets" / KAGGLE_HANDLE).is_dir()
 
 
-def _explain_kagglehub_error(err: BaseException) -> str:
+def _explain_kagglehub_error(err: BaseException, read_timeout: float | None = None) -> str:
     """One line saying what a kagglehub failure most likely means."""
     status = getattr(getattr(err, "response", None), "status_code", None)
     name = type(err).__name__
+    timed_out = isinstance(err, TimeoutError) or "timeout" in name.lower() or "timed out" in str(err).lower()
+    if read_timeout is not None and timed_out:
+        return (
+            f"Kaggle sent nothing for {read_timeout:g} s: the connection opens but no answer comes back "
+            "(a firewall or proxy that swallows traffic?)."
+        )
     if status in (401, 403) or name in ("UnauthenticatedError", "CredentialError"):
         return "Kaggle refused the request: sign in with valid credentials (and accept the dataset's terms)."
     if status == 404:  # noqa: PLR2004
@@ -216,6 +224,30 @@ def _explain_kagglehub_error(err: BaseException) -> str:
     if any(w in text for w in ("connection", "timeout", "timed out", "resolve", "ssl", "proxy", "network")):
         return "The connection to Kaggle failed."
     return "kagglehub failed."
+
+
+@contextlib.contextmanager
+def requests_timeout(timeout: float = NETWORK_TIMEOUT) -> Iterator[None]:
+    """Give every ``requests`` call in the ``with`` block that has no timeout a (connect, read) of ``timeout`` s.
+
+    kagglehub sends its Kaggle API calls, the download included, through ``kagglesdk``, which passes no
+    timeout to ``requests`` (so a silent peer blocks forever) and offers no setting for one; its own calls
+    that do set one are left as they are.
+    """
+    from requests.adapters import HTTPAdapter
+
+    original = HTTPAdapter.send
+
+    def send(self: HTTPAdapter, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(args) < 2 and kwargs.get("timeout") is None:  # send(request, stream, timeout, ...)
+            kwargs["timeout"] = (timeout, timeout)
+        return original(self, request, *args, **kwargs)
+
+    HTTPAdapter.send = send  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        HTTPAdapter.send = original  # type: ignore[method-assign]
 
 
 def _link_into(dest: Path, downloaded: Path) -> Path:
@@ -237,13 +269,15 @@ def _link_into(dest: Path, downloaded: Path) -> Path:
     return target
 
 
-def download(dest: str | Path = DEFAULT_DEST, *, probe_timeout: float = PROBE_TIMEOUT) -> Path:
+def download(
+    dest: str | Path = DEFAULT_DEST, *, probe_timeout: float = PROBE_TIMEOUT, read_timeout: float = NETWORK_TIMEOUT
+) -> Path:
     """Download the dataset with kagglehub so that ``dest/COVID-19_Radiography_Dataset`` exists; return ``dest``.
 
     Empty (or absent, or earlier kagglehub-filled) ``dest``: kagglehub's ``output_dir=dest``. Any other
     ``dest``: kagglehub's cache, then a symlink (or copy) at ``dest/COVID-19_Radiography_Dataset``.
     Raises :class:`DownloadError` (with the manual steps) when Kaggle cannot be reached within
-    ``probe_timeout`` seconds or kagglehub fails.
+    ``probe_timeout`` seconds, when it sends nothing for ``read_timeout`` seconds, or when kagglehub fails.
     """
     dest = Path(dest).expanduser()
     if dest.exists() and not dest.is_dir():
@@ -259,14 +293,15 @@ def download(dest: str | Path = DEFAULT_DEST, *, probe_timeout: float = PROBE_TI
     where = f"into {dest}" if direct else "into kagglehub's cache (DEST is not empty), then linking it"
     print(f"Downloading {KAGGLE_HANDLE} {where} ...", flush=True)
     try:
-        if direct:
-            path = kagglehub.dataset_download(KAGGLE_HANDLE, output_dir=str(dest))
-        else:
-            path = kagglehub.dataset_download(KAGGLE_HANDLE)
+        with requests_timeout(read_timeout):
+            if direct:
+                path = kagglehub.dataset_download(KAGGLE_HANDLE, output_dir=str(dest))
+            else:
+                path = kagglehub.dataset_download(KAGGLE_HANDLE)
     except Exception as err:  # kagglehub raises requests, auth, HTTP, OS and value errors
         raise DownloadError(
             f"kagglehub could not download {KAGGLE_HANDLE}: {type(err).__name__}: {err}\n"
-            f"{_explain_kagglehub_error(err)}\n{manual_steps(dest)}"
+            f"{_explain_kagglehub_error(err, read_timeout)}\n{manual_steps(dest)}"
         ) from err
     if not direct:
         _link_into(dest, Path(path))

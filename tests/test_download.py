@@ -13,6 +13,7 @@ import pytest
 
 from covid_lightning import download as dl
 from covid_lightning.data.scan import CLASSES, DATASET_DIRNAME
+from tests.helpers.silent_server import SilentServer
 
 SMALL = {"COVID": 3, "Lung_Opacity": 4, "Normal": 5, "Viral Pneumonia": 2}
 
@@ -234,6 +235,35 @@ def test_offline_real_probe_is_fast(
     assert dl.main([str(tmp_path / "data"), "--timeout", "2"]) == 2
     assert time.perf_counter() - start < 15
     _check_manual_steps(capsys.readouterr().err, tmp_path / "data")
+
+
+def test_silent_kaggle_fails_with_manual_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Kaggle accepts TCP but never answers: the real kagglehub call times out and the manual steps follow."""
+    from kagglesdk import kaggle_env
+
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_KERNEL_RUN_TYPE", "TBE_RUNTIME_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no_credentials"))
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub_cache"))
+    dest = tmp_path / "data"
+    with SilentServer() as server:
+        # kagglehub's API calls go through kagglesdk, whose host is picked by KAGGLE_API_ENVIRONMENT
+        monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")
+        monkeypatch.setitem(kaggle_env._env_to_endpoint, kaggle_env.KaggleEnv.TEST, server.url)
+        monkeypatch.setattr(dl, "KAGGLE_URL", server.url)
+        start = time.perf_counter()
+        with pytest.raises(dl.DownloadError) as err:
+            dl.download(dest, probe_timeout=2.0, read_timeout=2.0)
+        elapsed = time.perf_counter() - start
+        assert server.connections, "kagglehub never reached the silent server"
+    assert elapsed < 30, elapsed
+    msg = str(err.value)
+    assert "Kaggle sent nothing for 2 s" in msg
+    _check_manual_steps(msg, dest)
 
 
 class _Response:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covid_lightning.models.weights import PretrainedWeightsError, head_keys
+from covid_lightning.models.weights import NETWORK_TIMEOUT, PretrainedWeightsError, head_keys
 
 # Keras weight role -> the timm/PyTorch state-dict suffix it must land on.
 _ROLE_TO_SUFFIX = {
@@ -168,12 +168,13 @@ def keras_weights_filename(backbone: str, rows: int = 224) -> str:
     return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{KERAS_ALPHAS[arch]}_{rows}_no_top.h5"
 
 
-def fetch_keras_weights(backbone: str, timeout: float = 5.0) -> Path:
+def fetch_keras_weights(backbone: str, timeout: float = 5.0, read_timeout: float = NETWORK_TIMEOUT) -> Path:
     """The Keras Applications ``.h5`` for ``backbone``: from torch hub's cache, else downloaded there.
 
-    Fails fast (one TCP probe of ``timeout`` seconds) with the way to supply the file when offline.
+    Fails fast (one TCP probe of ``timeout`` seconds) with the way to supply the file when offline; the
+    download gives up when a connect or a wait for the next bytes takes over ``read_timeout`` seconds.
     """
-    from covid_lightning.models.weights import host_reachable
+    from covid_lightning.models.weights import download_url, host_reachable
 
     filename = keras_weights_filename(backbone)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
@@ -191,9 +192,8 @@ def fetch_keras_weights(backbone: str, timeout: float = 5.0) -> Path:
         raise PretrainedWeightsError(
             f"Keras ImageNet weights for {backbone} are not cached and {target} is unreachable.\n{how}"
         )
-    cached.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, str(cached), progress=False)
+        download_url(url, cached, read_timeout)
     except Exception as err:  # network errors of every kind: never continue with random weights
         raise PretrainedWeightsError(f"Downloading {url} failed: {type(err).__name__}: {err}\n{how}") from err
     return cached

@@ -8,15 +8,19 @@ when the hub cannot be reached and the weights are not in the local HF cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
 import os
 import re
 import socket
+import tempfile
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from covid_lightning.errors import UserError
 
-class PretrainedWeightsError(RuntimeError):
+
+class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights were asked for but cannot be had; the message says how to supply a file."""
 
+
+#: Seconds any download (hub, Keras ``.h5``, Kaggle) waits to connect, or for the next bytes, before it gives up.
+NETWORK_TIMEOUT = 20.0
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema")
 _STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.", "_orig_mod.")
@@ -333,6 +342,90 @@ def host_reachable(url: str, timeout: float) -> tuple[bool, str]:
     return False, f"{target} (no connection within {timeout:g} s)"
 
 
+def _is_timeout(err: BaseException) -> bool:
+    return isinstance(err, TimeoutError) or (
+        isinstance(err, urllib.error.URLError) and isinstance(err.reason, TimeoutError)
+    )
+
+
+def download_url(url: str, dest: str | Path, timeout: float = NETWORK_TIMEOUT) -> Path:
+    """Download ``url`` to ``dest`` (a temp file in its folder, renamed when complete); return ``dest``.
+
+    ``timeout`` bounds the connection and every wait for the next bytes (urllib has neither by default, nor
+    ``torch.hub.download_url_to_file``), so a peer that accepts but never answers fails with
+    :class:`TimeoutError` instead of hanging. A failed download leaves no partial ``dest``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    host = urllib.parse.urlsplit(url).netloc or url
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            request = urllib.request.Request(url, headers={"User-Agent": "covid-lightning"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        os.replace(tmp_name, dest)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        if isinstance(err, Exception) and _is_timeout(err):
+            raise TimeoutError(f"{host} sent nothing for {timeout:g} s ({err})") from err
+        raise
+    return dest
+
+
+_HF_TIMEOUT_VARS = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+
+
+@contextlib.contextmanager
+def hf_hub_timeouts(timeout: float = NETWORK_TIMEOUT) -> Iterator[None]:
+    """huggingface_hub's metadata and download timeouts set to ``timeout`` seconds for the ``with`` block.
+
+    They are its ``HF_HUB_ETAG_TIMEOUT``/``HF_HUB_DOWNLOAD_TIMEOUT``, which it reads once at import into
+    ``huggingface_hub.constants``; so the constants are set (and restored after). A variable the user set in
+    the environment is left to win.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = {name: getattr(constants, name) for name in _HF_TIMEOUT_VARS if name not in os.environ}
+    for name in saved:
+        setattr(constants, name, timeout)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(constants, name, value)
+
+
+def hf_hub_silence(
+    repo_id: str, filename: str, revision: str | None, timeout: float = NETWORK_TIMEOUT, endpoint: str | None = None
+) -> str | None:
+    """``None`` when the hub answers a metadata request for the file within ``timeout`` s (any HTTP status), else why.
+
+    One request, no retries: huggingface_hub itself retries a timed-out request several times with a longer
+    timeout, which is how a silent network hangs a download for minutes.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    endpoint = endpoint or hf_endpoint()
+    url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
+    try:
+        get_hf_file_metadata(url, timeout=timeout)
+    except HfHubHTTPError:
+        return None  # it answered (404, 401, 5xx, ...): the download reports that itself
+    except Exception as err:  # httpx timeouts and network errors, SSL, proxies, ...
+        name = type(err).__name__
+        if "timeout" in name.lower():
+            return f"{endpoint} accepted the connection but sent no answer within {timeout:g} s ({name})"
+        return f"no answer from {endpoint}: {name}: {err}"
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # create_timm_model
 # --------------------------------------------------------------------------------------------------
@@ -383,7 +476,9 @@ def _how_to_supply(name: str, tagged: str, hf_hub_id: str | None, hf_filename: s
     return "\n".join(lines)
 
 
-def _create_pretrained_from_hub(name: str, hub_timeout: float, kwargs: dict[str, Any]) -> nn.Module:
+def _create_pretrained_from_hub(
+    name: str, hub_timeout: float, read_timeout: float, kwargs: dict[str, Any]
+) -> nn.Module:
     import timm
     from timm.models import get_pretrained_cfg
 
@@ -435,9 +530,28 @@ def _create_pretrained_from_hub(name: str, hub_timeout: float, kwargs: dict[str,
             f"{what} are not in the local cache ({cache_dir if hf_hub_id else torch.hub.get_dir()}) and "
             f"cannot be downloaded: no connection to {target} within {hub_timeout:g} s.\n{how}"
         )
+    if not hf_hub_id:  # a plain URL: fetched here with timeouts into torch hub's cache, then loaded from there
+        dest = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(str(cfg.url)).path).name
+        try:
+            download_url(str(cfg.url), dest, read_timeout)
+        except Exception as err:
+            raise PretrainedWeightsError(f"{what} could not be downloaded: {type(err).__name__}: {err}\n{how}") from err
+        try:
+            return timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={**overlay, "file": str(dest)}, **kwargs
+            )
+        except Exception as err:
+            raise PretrainedWeightsError(f"{what} were downloaded to {dest} but failed to load: {err}\n{how}") from err
+    silence = hf_hub_silence(hf_hub_id, filenames[0], revision, read_timeout, endpoint=url)
+    if silence is not None:
+        raise PretrainedWeightsError(
+            f"{what} are not in the local cache ({cache_dir}) and cannot be downloaded: {silence}.\n{how}"
+        )
     try:
-        create_kwargs = dict(kwargs, cache_dir=cache_dir) if hf_hub_id else kwargs
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **create_kwargs)
+        with hf_hub_timeouts(read_timeout):
+            return timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay=overlay or None, cache_dir=cache_dir, **kwargs
+            )
     except Exception as err:
         raise PretrainedWeightsError(f"{what} could not be downloaded: {type(err).__name__}: {err}\n{how}") from err
 
@@ -448,6 +562,7 @@ def create_timm_model(
     pretrained: bool = False,
     pretrained_file: str | Path | None = None,
     hub_timeout: float = 5.0,
+    read_timeout: float = NETWORK_TIMEOUT,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a timm model, with pretrained weights from ``pretrained_file`` or (``pretrained=True``) the hub.
@@ -455,6 +570,8 @@ def create_timm_model(
     ``kwargs`` go to ``timm.create_model`` (``num_classes``, ``pad_type``, ``bn_eps``, ``drop_rate``, ...).
     Never returns random weights when weights were asked for: raises :class:`PretrainedWeightsError`
     (with instructions to supply a local file) instead. An unknown ``name`` raises ``ValueError``.
+    ``hub_timeout`` bounds the connection probe; ``read_timeout`` each connect of, and each wait for bytes
+    from, the download itself (a hub that accepts connections but never answers fails in that time).
     """
     import timm
 
@@ -464,5 +581,5 @@ def create_timm_model(
         _log.info("%s", load_backbone_weights(model, pretrained_file))
         return model
     if pretrained:
-        return _create_pretrained_from_hub(name, hub_timeout, dict(kwargs))
+        return _create_pretrained_from_hub(name, hub_timeout, read_timeout, dict(kwargs))
     return timm.create_model(name, pretrained=False, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import h5py
@@ -10,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from covid_lightning.models.keras_h5 import keras_h5_to_timm_state_dict, read_keras_h5_arrays
+from covid_lightning.models import keras_h5
+from covid_lightning.models.keras_h5 import fetch_keras_weights, keras_h5_to_timm_state_dict, read_keras_h5_arrays
 from covid_lightning.models.weights import PretrainedWeightsError
 from tests.conftest import KERAS_H5, KERAS_SAFETENSORS
+from tests.helpers.silent_server import SilentServer
 
 
 class Tiny(nn.Module):
@@ -160,3 +163,24 @@ def test_real_h5_wrong_model(keras_weights: Path) -> None:
     msg = str(err.value)
     assert KERAS_H5.name in msg and "Conv1" in msg and "conv_stem.weight" in msg
     assert "(32, 3, 3, 3)" in msg and "alpha" in msg and "num_classes=0" in msg
+
+
+def test_fetch_from_a_silent_server_fails_with_instructions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights host accepts TCP but never answers: a read timeout, the file to supply, nothing half-written."""
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    hub = tmp_path / "torch_hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    with SilentServer() as server:
+        monkeypatch.setattr(keras_h5, "KERAS_WEIGHTS_BASE", f"{server.url}/keras/")
+        start = time.monotonic()
+        with pytest.raises(PretrainedWeightsError) as err:
+            fetch_keras_weights("mobilenetv2_050", timeout=2.0, read_timeout=2.0)
+        elapsed = time.monotonic() - start
+        assert server.connections, "the download never reached the silent server"
+    assert elapsed < 30, elapsed
+    msg = str(err.value)
+    filename = keras_h5.keras_weights_filename("mobilenetv2_050")
+    assert "sent nothing for 2 s" in msg and f"{server.url}/keras/{filename}" in msg
+    assert "--model.pretrained_file PATH" in msg and str(hub / "checkpoints" / filename) in msg
+    assert list((hub / "checkpoints").iterdir()) == []  # no partial .h5 left in the cache

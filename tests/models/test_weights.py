@@ -17,10 +17,13 @@ from covid_lightning.models.weights import (
     LoadReport,
     PretrainedWeightsError,
     create_timm_model,
+    download_url,
+    hf_hub_timeouts,
     load_backbone_weights,
     load_state_dict_file,
 )
 from tests.conftest import KERAS_H5, KERAS_SAFETENSORS
+from tests.helpers.silent_server import SilentServer
 
 ARCH = "mobilenetv2_050"
 HUB_ID = "timm/mobilenetv2_050.lamb_in1k"
@@ -151,6 +154,50 @@ def test_pretrained_offline_fails_fast(hf_env: Path, monkeypatch: pytest.MonkeyP
     msg = str(err.value)
     assert "pretrained_file" in msg and "mobilenetv2_050.lamb_in1k" in msg and HUB_ID in msg
     assert "HF_HOME" in msg and "st.save_file" in msg
+
+
+def test_pretrained_silent_hub_fails_with_instructions(hf_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub accepts TCP but never answers: a read timeout, then the same instructions as offline."""
+    from huggingface_hub import constants
+
+    before = (constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    with SilentServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        start = time.monotonic()
+        with pytest.raises(PretrainedWeightsError) as err:
+            create_timm_model(ARCH, pretrained=True, num_classes=0, hub_timeout=2.0, read_timeout=2.0)
+        elapsed = time.monotonic() - start
+        assert server.connections, "the hub request never reached the silent server"
+    assert elapsed < 30, elapsed
+    msg = str(err.value)
+    assert server.url in msg and "no answer within 2 s" in msg
+    assert "pretrained_file" in msg and HUB_ID in msg and "HF_HOME" in msg and "st.save_file" in msg
+    assert (constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT) == before
+
+
+def test_hf_hub_timeouts_set_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub reads its timeout variables at import: its constants are what counts."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "7")  # the user's own choice wins
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 7)
+    before = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    with hf_hub_timeouts(3.0):
+        assert constants.HF_HUB_DOWNLOAD_TIMEOUT == 3.0 and constants.HF_HUB_ETAG_TIMEOUT == 7
+    assert constants.HF_HUB_DOWNLOAD_TIMEOUT == before
+    with pytest.raises(RuntimeError), hf_hub_timeouts(3.0):
+        raise RuntimeError("restored on errors too")
+    assert constants.HF_HUB_DOWNLOAD_TIMEOUT == before
+
+
+def test_download_url_silent_peer_times_out(tmp_path: Path) -> None:
+    with SilentServer() as server:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="sent nothing for 1 s"):
+            download_url(f"{server.url}/weights.pth", tmp_path / "weights.pth", timeout=1.0)
+        assert time.monotonic() - start < 30
+    assert list(tmp_path.iterdir()) == []  # no partial file
 
 
 def _no_network(*args, **kwargs):
