@@ -333,10 +333,10 @@ def _quantize(onnx_path: Path, image_size: int, args: argparse.Namespace) -> Non
     float32 graph on ``--check-images`` others, print both files and the comparison."""
     import random
 
-    from covid_lightning.lungs import image_files
+    from covid_lightning.data.scan import list_predict_images
     from covid_lightning.quantize import agreement, calibration_batches, quantize_onnx
 
-    paths = image_files(args.calibrate, skip_kaggle_masks=True)
+    paths = list_predict_images(args.calibrate)
     random.Random(0).shuffle(paths)
     calibration, check = paths[: args.calibration_images], paths[args.calibration_images :][: args.check_images]
     written = quantize_onnx(onnx_path, None, calibration_batches(calibration, image_size, count=len(calibration)))

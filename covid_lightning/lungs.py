@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from covid_lightning.data.roi import roi_mask_name
-from covid_lightning.data.scan import DatasetError, is_image_file, scan_dataset
+from covid_lightning.data.scan import DatasetError, list_predict_images, scan_dataset
 from covid_lightning.data.transforms import ImageReadError, load_image
 from covid_lightning.inference import load_checkpoint, preprocess
 
@@ -47,20 +47,6 @@ def checkpoint_key(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:16]
-
-
-def _is_kaggle_mask(path: Path) -> bool:
-    """A ground-truth mask of the Kaggle layout: ``<Class>/masks/X`` next to ``<Class>/images/``."""
-    return path.parent.name == "masks" and (path.parent.parent / "images").is_dir()
-
-
-def image_files(root: str | Path, skip_kaggle_masks: bool = False) -> list[Path]:
-    """Every PNG/JPEG under ``root`` (recursive, hidden files excluded), sorted; optionally without the
-    ground-truth masks of a Kaggle-layout dataset (``<Class>/masks/``)."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder of images.")
-    return sorted(p for p in root.rglob("*") if is_image_file(p) and not (skip_kaggle_masks and _is_kaggle_mask(p)))
 
 
 def _is_fresh(mask_path: Path, image_path: Path) -> bool:
@@ -187,11 +173,11 @@ def attach_lung_masks(
     predict_root = hp.get("predict_root")
     paths: list[Path] = []
     if stage == "predict" and predict_root is not None:
-        paths += image_files(predict_root)
+        paths += list_predict_images(predict_root)
     else:
         paths += [r.path for r in scan_dataset(datamodule._resolve_root(), check_files=False)]
         if stage is None and predict_root is not None:
-            paths += image_files(predict_root)
+            paths += list_predict_images(predict_root)
     folder = predict_lung_masks(segmenter_ckpt, paths, cache_root=cache_root, batch_size=batch_size)
     hp.lung_masks = str(folder)
     return folder
@@ -213,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        paths = image_files(args.root, skip_kaggle_masks=True)
+        paths = list_predict_images(args.root)
         if not paths:
             raise DatasetError(f"No PNG/JPEG images under {args.root}.")
         folder = predict_lung_masks(args.ckpt, paths, args.out, batch_size=args.batch_size, device=args.device)

@@ -5,7 +5,7 @@
     covid-lightning export --ckpt best.ckpt --quantize int8 --calibrate COVID-19_Radiography_Dataset
 
     from covid_lightning.quantize import quantize_onnx, calibration_batches, agreement
-    batches = calibration_batches(image_files(root), image_size=224, count=128)
+    batches = calibration_batches(list_predict_images(root), image_size=224, count=128)
     quantize_onnx("model.onnx", "model.int8.onnx", batches)
 
 Static quantization (:func:`onnxruntime.quantization.quantize_static`) in ONNX Runtime's recommended CPU

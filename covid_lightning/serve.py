@@ -16,9 +16,10 @@ and for a segmenter (the mask at the image's own size, 0 = background, 255 = lun
     {"kind": "segmenter", "mask_png": "<base64 PNG>", "lung_fraction": 0.27, "width": 299, "height": 299}
 
 Bad requests get a 4xx with a JSON ``{"detail": "..."}``: 400 (empty body, not a decodable image, bad
-JSON, no ``image`` key, bad base64), 413 (over ``--max-bytes``, or over 64 Mpixels: a small PNG can
+or too deeply nested JSON, no ``image`` key, bad base64), 413 (over ``--max-bytes``, or over 64 Mpixels: a small PNG can
 hold a huge image), 415 (another content type, or an image format other than PNG/JPEG).
-``GET /health`` answers ``ok`` once the model is loaded.
+``GET /health`` answers ``ok`` once the model is loaded; ``GET /info`` describes the model under ``"model"``
+(:func:`model_info`: kind, class names or threshold, image size, checkpoint, package version).
 
 How the work is split, and why:
 
@@ -58,6 +59,7 @@ from fastapi import Depends, HTTPException, Request  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
+from covid_lightning import __version__  # noqa: E402
 from covid_lightning.inference import load_checkpoint, preprocess  # noqa: E402
 from covid_lightning.modules.classifier import XRayClassifier  # noqa: E402
 from covid_lightning.modules.segmenter import LungSegmenter  # noqa: E402
@@ -80,6 +82,33 @@ def model_kind(model: torch.nn.Module) -> str:
     if isinstance(model, XRayClassifier):
         return "classifier"
     raise TypeError(f"Cannot serve a {type(model).__name__}: expected an XRayClassifier or a LungSegmenter.")
+
+
+#: the task a model declares (``XRayModule.task``) for each answer of :func:`model_kind`
+TASKS = {"classifier": "classification", "segmenter": "segmentation"}
+
+
+def model_task(model: torch.nn.Module) -> str:
+    """``"classification"`` or ``"segmentation"``: the model's own ``task`` when it declares one of them, else
+    derived from its class by :func:`model_kind` (which also refuses models that cannot be served)."""
+    kind = model_kind(model)
+    declared = getattr(model, "task", None)
+    return declared if declared in TASKS.values() else TASKS[kind]
+
+
+def model_info(model: torch.nn.Module, ckpt: str | Path) -> dict[str, Any]:
+    """What ``GET /info`` reports under ``"model"``: the kind, the class names (classifier) or the mask threshold
+    (segmenter), the input image size, the checkpoint's absolute path and the covid-lightning version."""
+    task = model_task(model)
+    info: dict[str, Any] = {"kind": task}
+    if task == "classification":
+        info["class_names"] = [str(name) for name in model.class_names]
+    else:
+        info["threshold"] = float(getattr(model, "threshold", 0.5))
+    info["image_size"] = int(model.hparams.image_size)
+    info["checkpoint"] = str(Path(ckpt).expanduser().resolve())
+    info["version"] = __version__
+    return info
 
 
 @dataclass(frozen=True)
@@ -120,6 +149,10 @@ def image_bytes_from_json(body: bytes) -> bytes:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _http_error(400, f"Invalid JSON body: {err}.") from None
+    except RecursionError:  # the parser recurses per nesting level: [[[[...]]]] must not become a 500
+        raise _http_error(
+            400, 'JSON body nested too deeply: send a flat object {"image": "<base64 PNG/JPEG>"}.'
+        ) from None
     if not isinstance(payload, dict) or "image" not in payload:
         raise _http_error(400, 'JSON body must be an object with an "image" key holding a base64 PNG/JPEG.')
     encoded = payload["image"]
@@ -278,11 +311,25 @@ def build_server(
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout: float = 30.0,
     threads: int | None = None,
+    info: dict[str, Any] | None = None,
 ) -> ls.LitServer:
-    """The LitServer for ``ckpt`` (not started: call ``.run(host=..., port=...)``)."""
+    """The LitServer for ``ckpt`` (not started: call ``.run(host=..., port=...)``).
+
+    ``info`` is what ``GET /info`` reports under ``"model"`` (:func:`model_info`); None loads the checkpoint
+    here to describe it.
+    """
     threads = threads or default_cpu_threads(workers)
+    if info is None:
+        info = model_info(load_checkpoint(ckpt), ckpt)
     api = XRayAPI(ckpt, max_batch_size=max_batch_size, batch_timeout=batch_timeout, threads=threads)
-    server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers, timeout=timeout)
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=workers,
+        timeout=timeout,
+        model_metadata=info,
+    )
     server.app.state.covid_lightning = HttpConfig(image_size=image_size, max_bytes=max_bytes)
     return server
 
@@ -370,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)  # torch's messages run long
         parser.error(f"--ckpt: cannot load {args.ckpt}: {reason}")
     try:
-        model_kind(model)
+        info = model_info(model, args.ckpt)
     except TypeError as err:
         parser.error(f"--ckpt: {err}")
     image_size = int(model.hparams.image_size)
@@ -387,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_bytes=args.max_bytes,
         timeout=args.timeout,
         threads=args.threads,
+        info=info,
     )
     # SIGTERM (docker stop, kill) shuts down like Ctrl+C: LitServe then stops its worker processes too. Forked
     # children (uvicorn, the queue manager) get the default handler back: uvicorn re-raises the SIGTERM it caught.

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from covid_lightning.data.scan import list_predict_images
 from covid_lightning.export import export_onnx, load_contract, main
 from covid_lightning.inference import load_checkpoint
-from covid_lightning.lungs import image_files
 from covid_lightning.quantize import (
     agreement,
     calibration_batches,
@@ -33,7 +33,7 @@ def quantized(request: pytest.FixtureRequest, demo_root: Path, tmp_path_factory:
     model = load_checkpoint(ckpt).eval()
     out = tmp_path_factory.mktemp(f"int8_{request.param}")
     fp32 = export_onnx(model, out / "model.onnx", checkpoint=ckpt)
-    paths = image_files(demo_root, skip_kaggle_masks=True)
+    paths = list_predict_images(demo_root)
     size = int(model.hparams.image_size)
     int8 = quantize_onnx(fp32, None, calibration_batches(paths, size, count=16, batch=8))
     return request.param, model, fp32, int8, paths

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import HTTPException
 from PIL import Image
 
+from covid_lightning import CLASSES, __version__
 from covid_lightning.inference import classify, load_checkpoint, segment
-from covid_lightning.serve import XRayAPI, build_parser, decode_image, main
+from covid_lightning.serve import XRayAPI, build_parser, decode_image, image_bytes_from_json, main, model_info
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 1_000_000
@@ -210,7 +212,43 @@ def test_api_single_and_batched_paths_match_classify(classifier_ckpt: Path, imag
             assert from_batch[name] == pytest.approx(p, abs=1e-5)
 
 
+def test_deeply_nested_json_is_a_400_not_a_recursion_error():
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"image": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001):
+        with pytest.raises(HTTPException) as err:
+            image_bytes_from_json(body)
+        assert err.value.status_code == 400 and "nested" in err.value.detail
+
+
+def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
+    """What /info reports, from the loaded checkpoint (no server needed)."""
+    classifier = model_info(load_checkpoint(classifier_ckpt), classifier_ckpt)
+    assert classifier == {
+        "kind": "classification",
+        "class_names": list(CLASSES),
+        "image_size": 64,
+        "checkpoint": str(classifier_ckpt.resolve()),
+        "version": __version__,
+    }
+    segmenter = model_info(load_checkpoint(segmenter_ckpt), segmenter_ckpt)
+    assert segmenter == {
+        "kind": "segmentation",
+        "threshold": 0.5,
+        "image_size": 64,
+        "checkpoint": str(segmenter_ckpt.resolve()),
+        "version": __version__,
+    }
+    json.dumps([classifier, segmenter])
+
+
 # ---------------------------------------------------------------------------------------------- over HTTP
+
+
+def test_info_reports_the_model(servers, classifier_ckpt: Path, segmenter_ckpt: Path):
+    for name, ckpt in (("classifier", classifier_ckpt), ("segmenter", segmenter_ckpt)):
+        status, body = _get(servers[name].port, "/info")
+        assert status == 200
+        model = json.loads(body)["model"]
+        assert model == model_info(load_checkpoint(ckpt), ckpt), name
 
 
 def test_classifier_answers_match_classify(servers, classifier_ckpt: Path, images: list[Path], odd_images):
@@ -275,6 +313,9 @@ def _bad_payloads(images: list[Path]) -> list[tuple[str, bytes | str, str | None
         ("JSON, empty image", b'{"image": ""}', "application/json", 400),
         ("JSON, base64 of garbage", json.dumps({"image": base64.b64encode(b"garbage").decode()}), "application/json",
          400),
+        ("JSON, deeply nested", b"[" * 100_000 + b"]" * 100_000, "application/json", 400),
+        ("JSON, deeply nested beside the image", b'{"image": "", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         "application/json", 400),
     ]  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from covid_lightning.data.scan import (
     Record,
     class_counts,
     find_dataset_root,
-    is_image_file,
+    list_predict_images,
     scan_dataset,
 )
 from covid_lightning.data.split import SPLITS, read_manifest, stratified_split, write_manifest
@@ -58,7 +58,8 @@ class XRayDataModule(L.LightningDataModule):
         seed: seed of the split.
         split_file: a manifest CSV written by an earlier run: reuse that exact split.
         augment: train-time augmentation, ``none``, ``light`` or ``strong`` (X-ray-safe).
-        predict_root: folder of images (any layout, recursive, PNG/JPEG) for ``predict``.
+        predict_root: for ``predict``: one PNG/JPEG file, or a folder of them (any layout, recursive); the lung
+            masks of a dataset (``masks`` folders next to an ``images`` folder) are skipped, counted and logged.
         demo_size: images per class of the demo dataset (used when ``root`` is None).
         on_bad_file: every file is decoded once in ``setup`` (results cached per file); ``error`` stops
             before training, listing each unreadable file and why; ``skip`` drops, counts and logs them.
@@ -172,6 +173,7 @@ class XRayDataModule(L.LightningDataModule):
             )
         self.screening = screened
         self.records = {s: [r for r, sp in zip(records, splits) if sp == s] for s in SPLITS}
+        self._check_classes(base, records)
         self._write_manifest(records, splits, base, groups)
         log.info(
             "%s split of %s: %s",
@@ -198,6 +200,49 @@ class XRayDataModule(L.LightningDataModule):
             )
             for split in SPLITS
         }
+
+    def _check_classes(self, base: Path, records: list[Record]) -> None:
+        """Warn about each class without images; for a classifier, refuse a class that has images but none in
+        the train split (it could never be learned, and its loss weight would silently be 0)."""
+        split_file = self.hparams.split_file
+        total = class_counts(records)
+        pairs = "image+mask pairs" if self.with_masks else "images"
+        for name in (c for c, n in total.items() if n == 0):
+            folder = base / name
+            if split_file:
+                where = f"data.split_file {split_file} lists none"
+            elif folder.is_dir():
+                where = f"nothing usable under {folder}"
+            else:
+                where = f"its folder {folder} does not exist"
+            log.warning(
+                "Class %s has no %s (%s): the model gets no example of it. Add its files, or ignore this if the "
+                "dataset lacks the class on purpose.",
+                name,
+                pairs,
+                where,
+            )
+        if self.with_masks:
+            return  # the segmenter learns lungs, not classes: the class only stratifies the split
+        train = class_counts(self.records["train"])
+        starved = [c for c, n in total.items() if n > 0 and train[c] == 0]
+        if not starved:
+            return
+        details = ", ".join(f"{c} ({total[c]} image(s))" for c in starved)
+        if split_file:
+            fix = (
+                f"data.split_file {split_file} puts none of them in train: edit it so that train holds some, or "
+                "drop data.split_file for a fresh split"
+            )
+        else:
+            hp = self.hparams
+            fix = (
+                f"the split (val_fraction={hp.val_fraction}, test_fraction={hp.test_fraction}) sends them all to "
+                "val/test: add images of the class, lower data.val_fraction/data.test_fraction, or remove the class "
+                "folder to train without it"
+            )
+        what = "Class" if len(starved) == 1 else "Classes"
+        raise DatasetError(f"{what} {details}: no training image under {base}; {fix}.")
 
     def _decoded_caches(self, records: list[Record]) -> dict[str, Any]:
         """One decoded, resized cache over every screened record (scan order: stable across splits/seeds)."""
@@ -251,12 +296,9 @@ class XRayDataModule(L.LightningDataModule):
             log.info("Split manifest written to %s (pass it as data.split_file to reuse it).", self.manifest_path)
 
     def _setup_predict(self) -> None:
-        root = Path(self.hparams.predict_root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"predict_root {root} is not a folder of images.")
-        paths = sorted(p for p in root.rglob("*") if is_image_file(p))
-        if not paths:
-            raise DatasetError(f"No PNG/JPEG images under {root}.")
+        """The predict inputs (:func:`~covid_lightning.data.scan.list_predict_images`), screened like training
+        files: one image file, or a folder without the lung masks of a dataset."""
+        paths = list_predict_images(self.hparams.predict_root)
         screened = screen_records(
             [Record(p, 0) for p in paths], on_bad_file=self.hparams.on_bad_file, duplicates="none"
         )

@@ -5,7 +5,7 @@ Building blocks (used by ``covid-lightning check-data ROOT`` and by scanning/spl
 * :func:`inspect_image` decodes one file fully and returns a :class:`FileInfo` (size, mode, a content
   hash of the 8-bit gray pixels, a 64-bit perceptual hash, mask values) or the reason it is unusable.
 * :func:`inspect_files` does that for many files in a thread pool, with an optional JSON cache keyed by
-  (absolute path, size, mtime_ns).
+  the absolute path and validated by the file's stat (size, mtime, ctime, inode: see :func:`_stat_key`).
 * :func:`duplicate_groups` groups exact duplicates (same pixels) and near duplicates (pHash Hamming
   distance <= ``max_distance``), transitively.
 * :func:`check_dataset` / :func:`format_report` / :func:`main` make the JSON report and its text summary.
@@ -36,8 +36,9 @@ from covid_lightning.data.scan import (
     DatasetError,
     Record,
     _class_image_dir,
+    broken_link_problem,
     find_dataset_root,
-    is_image_file,
+    is_image_entry,
 )
 from covid_lightning.data.transforms import to_rgb_array
 
@@ -45,8 +46,8 @@ log = logging.getLogger(__name__)
 
 #: The Kaggle lung masks are 256x256 (the images 299x299).
 MASK_SIZE: tuple[int, int] = (256, 256)
-#: Bump when FileInfo fields or the hashes change: older cache files are then ignored.
-CACHE_VERSION = 1
+#: Bump when FileInfo fields, the hashes or the cache key change: older cache files are then ignored.
+CACHE_VERSION = 2
 #: pHash Hamming distance up to which two images count as near duplicates. Re-encodes and small
 #: resizes of one radiograph stay at <= 2 (brightness shifts <= 4); different patients in the real
 #: sample start at 10, and transitive grouping over 21k images needs a margin, hence 4.
@@ -169,7 +170,7 @@ def inspect_image(path: str | Path, *, mask: bool = False, keep_gray: bool = Fal
         if path.stat().st_size == 0:
             return FileInfo(path, ok=False, problem="zero-byte file")
     except OSError as err:
-        return FileInfo(path, ok=False, problem=f"cannot open: {err.strerror or err}")
+        return FileInfo(path, ok=False, problem=broken_link_problem(path) or f"cannot open: {err.strerror or err}")
     fmt = None
     try:
         with Image.open(path) as im:
@@ -203,12 +204,29 @@ def default_workers() -> int:
     return max(1, min(16, n))
 
 
-def _stat_key(path: Path) -> tuple[str, int, int] | None:
+#: the stat fields a cache entry must match (see :func:`_stat_key`)
+STAT_FIELDS: tuple[str, ...] = ("size", "mtime_ns", "ctime_ns", "ino")
+
+
+def _stat_key(path: Path) -> tuple[str, dict[str, int]] | None:
+    """The cache key of ``path`` (its absolute path) and the stat fields its entry must match.
+
+    Size and mtime alone can be fooled: a same-size rewrite whose mtime is put back (``os.utime``, copy tools
+    that keep timestamps) would keep a stale "readable" verdict and fail mid-epoch. The kernel sets
+    ``st_ctime_ns`` on every write and ``os.utime`` cannot restore it; ``st_ino`` changes when another file
+    is renamed over this one. A stat, not a hash of the bytes: hashing would read the whole dataset on every
+    run, the cost the cache exists to save. (On Windows ``st_ctime`` is the creation time.)
+    """
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+    return os.path.abspath(path), {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "ino": st.st_ino,
+    }
 
 
 def _load_cache(cache_file: Path) -> dict[str, dict[str, Any]]:
@@ -257,13 +275,13 @@ def _inspect_many(
     items = [(p if isinstance(p, Path) else Path(p), bool(m)) for p, m in items]
     results: list[FileInfo | None] = [None] * len(items)
     cache = _load_cache(Path(cache_file)) if cache_file is not None else {}
-    keys: list[tuple[str, int, int] | None] = [None] * len(items)
+    keys: list[tuple[str, dict[str, int]] | None] = [None] * len(items)
     todo: list[int] = []
     for i, (path, is_mask) in enumerate(items):
         if cache_file is not None:
             keys[i] = key = _stat_key(path)
             entry = cache.get(("mask:" if is_mask else "image:") + key[0]) if key else None
-            if entry and entry.get("size") == key[1] and entry.get("mtime_ns") == key[2]:
+            if entry and all(entry.get(name) == key[1][name] for name in STAT_FIELDS):
                 results[i] = FileInfo.from_dict(entry["info"], path)
                 continue
         todo.append(i)
@@ -288,7 +306,7 @@ def _inspect_many(
                 continue  # vanished / unreadable-by-permission files are looked at again next time
             stored = {k: v for k, v in info.to_dict().items() if v is not None and k != "path"}
             kind = "mask:" if items[i][1] else "image:"
-            cache[kind + key[0]] = {"size": key[1], "mtime_ns": key[2], "info": stored}
+            cache[kind + key[0]] = {**key[1], "info": stored}
         cache = {k: v for k, v in cache.items() if os.path.lexists(k.split(":", 1)[1])}  # forget deleted files
         _save_cache(Path(cache_file), cache)
     return [r for r in results if r is not None]
@@ -306,8 +324,8 @@ def inspect_files(
     Args:
         paths: image (or, with ``masks=True``, mask) files.
         workers: threads (default: the usable CPU cores, at most 16; 0 or 1 = in this thread).
-        cache_file: a JSON file of earlier results keyed by (absolute path, size, mtime_ns); only new or
-            changed files are decoded again, and the file is updated.
+        cache_file: a JSON file of earlier results keyed by absolute path and checked against the file's
+            size, mtime, ctime and inode; only new or changed files are decoded again, and the file is updated.
     """
     return _inspect_many([(p, masks) for p in paths], workers=workers, cache_file=cache_file)
 
@@ -552,7 +570,8 @@ def screen_records(
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
+    """Images of ``folder``, broken symlinks included (they are reported as unreadable, not left out)."""
+    return sorted(p for p in folder.iterdir() if is_image_entry(p)) if folder.is_dir() else []
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -3,6 +3,7 @@ and counted (on_bad_file: skip). Nothing is dropped silently."""
 
 import io
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,102 @@ def test_planted_duplicates_never_straddle_the_split(data: Path, tmp_path: Path)
     rows = list(csv.DictReader(dm.manifest_path.open()))
     group = {Path(r["path"]).name: r["group"] for r in rows}
     assert all(group[f"Lung_Opacity-{i}.png"] == group[f"Lung_Opacity-copy{i}.png"] for i in range(1, 9))
+
+
+# ---------------------------------------------------------------------------------------------- classes
+
+
+@pytest.mark.parametrize("how", ["empty", "missing"])
+def test_class_without_images_warns_at_fit(data: Path, caplog, how: str):
+    """An empty or missing class folder trains (the class gets no loss weight) but says so at setup."""
+    shutil.rmtree(data / "Lung_Opacity" if how == "missing" else data / "Lung_Opacity" / "images")
+    if how == "empty":
+        (data / "Lung_Opacity" / "images").mkdir()
+    with caplog.at_level(logging.WARNING):
+        dm = _setup(data)
+    assert dm.class_counts["Lung_Opacity"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    messages = [m for m in warnings if "Lung_Opacity" in m]
+    assert len(messages) == 1, messages
+    assert str(data / "Lung_Opacity") in messages[0] and "no images" in messages[0]
+
+
+def test_class_without_training_image_is_an_error(data: Path):
+    """Two COVID images with val and test fractions of 0.3: one to val, one to test, none left to train on."""
+    for path in sorted((data / "COVID" / "images").glob("*.png"))[2:]:
+        path.unlink()
+    with pytest.raises(ValueError, match="no training image") as err:
+        _setup(data, val_fraction=0.3, test_fraction=0.3, duplicates="none")
+    assert "COVID" in str(err.value) and str(data) in str(err.value) and "test_fraction" in str(err.value)
+    dm = _setup(data, val_fraction=0.3, test_fraction=0.0, duplicates="none")  # the fix the message names
+    assert dm.class_counts["COVID"] == 1
+
+
+def test_class_without_training_image_from_a_split_file(data: Path, tmp_path: Path):
+    """A reused manifest that files every Normal image under val fails the same way."""
+    import csv
+
+    import lightning as L
+
+    dm = RadiographyDataModule(root=str(data), image_size=32, num_workers=0, duplicates="none")
+    dm.trainer = L.Trainer(default_root_dir=tmp_path / "run", logger=False)
+    dm.setup("fit")
+    rows = list(csv.DictReader(dm.manifest_path.open(encoding="utf-8")))
+    for row in rows:
+        if row["class_name"] == "Normal":
+            row["split"] = "val"
+    edited = tmp_path / "split.csv"
+    with edited.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match=r"(?s)Normal.*no training image.*split\.csv"):
+        _setup(data, split_file=str(edited))
+
+
+# ---------------------------------------------------------------------------------------------- symlinks
+
+
+def _plant_bad_links(folder: Path) -> list[Path]:
+    """A dangling symlink and a two-link loop among the images of ``folder``."""
+    dangling, loop_a, loop_b = folder / "dangling.png", folder / "loop-a.png", folder / "loop-b.png"
+    os.symlink(folder / "deleted-long-ago.png", dangling)
+    os.symlink(loop_b, loop_a)
+    os.symlink(loop_a, loop_b)
+    return [dangling, loop_a, loop_b]
+
+
+def test_bad_symlinks_stop_training_naming_each(data: Path):
+    links = _plant_bad_links(data / "Normal" / "images")
+    with pytest.raises(DatasetError) as err:
+        _setup(data)
+    message = str(err.value)
+    assert message.startswith("3 unreadable file(s)")
+    for link in links:
+        assert link.name in message
+    assert "dangling symlink" in message and "symlink loop" in message
+
+
+def test_bad_symlinks_skipped_and_counted(data: Path, caplog):
+    _plant_bad_links(data / "Normal" / "images")
+    with caplog.at_level(logging.WARNING):
+        dm = _setup(data, on_bad_file="skip")
+    assert sum(len(v) for v in dm.records.values()) == 32
+    messages = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("Skipped 3 unreadable file(s)")
+
+
+def test_dangling_mask_symlink_is_unreadable_not_unpaired(data: Path):
+    mask = data / "COVID" / "masks" / "COVID-2.png"
+    mask.unlink()
+    os.symlink(data / "nowhere.png", mask)
+    with pytest.raises(DatasetError, match=r"COVID-2\.png: dangling symlink"):
+        _setup(data, LungSegmentationDataModule)
+
+
+def test_scan_with_file_checks_names_a_dangling_symlink(data: Path):
+    from covid_lightning.data.scan import scan_dataset
+
+    os.symlink(data / "nowhere.png", data / "COVID" / "images" / "COVID-99.png")
+    with pytest.raises(DatasetError, match=r"COVID-99\.png"):
+        scan_dataset(data, check_files=True)

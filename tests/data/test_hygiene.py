@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -264,6 +265,43 @@ def test_cache(demo_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert inspect_files(paths[:2], cache_file=cache, workers=1) == first[:2]
 
 
+def _rewrite_keeping_size_and_mtime(path: Path, data: bytes, *, replace: bool) -> None:
+    """Write ``data`` (same length) to ``path`` in place or by rename, then restore the old mtime."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    time.sleep(0.05)  # past the coarse clock tick of the file's last change
+    if replace:
+        tmp = path.with_name(".tmp-" + path.name)
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    else:
+        with open(path, "r+b") as f:
+            f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["in-place", "rename-over"])
+def test_cache_not_fooled_by_same_size_rewrite_with_restored_mtime(demo_copy: Path, tmp_path: Path, replace: bool):
+    """A file corrupted to the same size with its mtime put back must be decoded again, not trusted."""
+    paths = sorted((demo_copy / "COVID" / "images").glob("*.png"))
+    cache = tmp_path / "cache.json"
+    assert all(i.ok for i in inspect_files(paths, cache_file=cache, workers=1))
+    good = paths[3].read_bytes()
+    corrupt = good[: len(good) // 2] + bytes(len(good) - len(good) // 2)  # PNG header intact, data zeroed
+    _rewrite_keeping_size_and_mtime(paths[3], corrupt, replace=replace)
+    again = inspect_files(paths, cache_file=cache, workers=1)
+    assert not again[3].ok, "the stale cache entry was trusted"
+    assert [i.ok for i in again[:3] + again[4:]] == [True] * 7
+    # and the screening a DataModule runs stops on it
+    from covid_lightning.data.hygiene import screen_records
+    from covid_lightning.data.scan import DatasetError, scan_dataset
+
+    with pytest.raises(DatasetError, match="COVID-4.png"):
+        screen_records(scan_dataset(demo_copy, check_files=False), cache_file=cache, duplicates="none")
+
+
 # --------------------------------------------------------------------------------------------
 # check_dataset, format_report, main
 # --------------------------------------------------------------------------------------------
@@ -354,6 +392,33 @@ def test_check_problems(demo_copy: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "Trainable: NO" in text and "zero-byte file" in text and "COVID/images/COVID-1.png" in text
     assert main([str(root), "--workers", "2"]) == 1
     assert "BLOCKING" in capsys.readouterr().out
+
+
+def test_check_reports_bad_symlinks(demo_copy: Path, capsys: pytest.CaptureFixture[str]):
+    """Dangling symlinks and symlink loops are unreadable files of the report, not silently absent."""
+    images, masks = demo_copy / "COVID" / "images", demo_copy / "COVID" / "masks"
+    os.symlink(images / "deleted.png", images / "COVID-90.png")
+    os.symlink(images / "COVID-92.png", images / "COVID-91.png")
+    os.symlink(images / "COVID-91.png", images / "COVID-92.png")
+    (masks / "COVID-1.png").unlink()
+    os.symlink(masks / "deleted.png", masks / "COVID-1.png")
+    report = check_dataset(demo_copy, workers=1)
+    problems = {u["path"]: (u["kind"], u["problem"]) for u in report["unreadable"]}
+    assert sorted(problems) == [
+        "COVID/images/COVID-90.png",
+        "COVID/images/COVID-91.png",
+        "COVID/images/COVID-92.png",
+        "COVID/masks/COVID-1.png",
+    ]
+    assert problems["COVID/images/COVID-90.png"][1].startswith("dangling symlink")
+    assert problems["COVID/images/COVID-91.png"][1].startswith("symlink loop")
+    assert problems["COVID/masks/COVID-1.png"][0] == "mask"
+    assert report["classes"]["COVID"]["images"] == 11 and report["classes"]["COVID"]["pairs"] == 8
+    assert not report["trainable"]
+    assert any("3 unreadable image" in b for b in report["blocking"])
+    assert any("1 unreadable mask" in b for b in report["blocking"])
+    assert main([str(demo_copy), "--workers", "1"]) == 1
+    assert "dangling symlink" in capsys.readouterr().out
 
 
 def test_check_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
