@@ -55,8 +55,26 @@ def test_lab_config_values():
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
     assert model["backbone"] == "mobilenetv2_050" and model["trainable"] == "head"
     assert model["normalization"] == "unit" and data["image_size"] == 224 and data["val_fraction"] == 0.3
-    monitors = [c["init_args"].get("monitor") for c in cfg["trainer"]["callbacks"] if "init_args" in c]
-    assert "val/acc" in monitors
+    assert cfg["name"] == "head_only"
+
+
+def test_standard_callbacks_watch_the_models_metric(demo_root: Path, tmp_path: Path):
+    """Best/last checkpoints, LR monitor, report and prediction writer come from the CLI, once."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from covid_lightning.callbacks import EvaluationReport, PredictionWriter, RunCheckpoint
+
+    cli = build_cli(
+        ["--config", str(REPO / "configs/classification/head_only.yaml"), "--model.pretrained", "false",
+         "--data.root", str(demo_root), "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    for kind in (RunCheckpoint, LearningRateMonitor, EvaluationReport, PredictionWriter):
+        assert kinds.count(kind) == 1, kind
+    ckpt = cli.trainer.checkpoint_callback
+    ckpt.setup(cli.trainer, cli.model, "fit")
+    assert (ckpt.monitor, ckpt.mode, ckpt.save_last) == ("val/acc", "max", True)
 
 
 def _console(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -163,15 +181,20 @@ def test_console_script_fit_segmentation_fast_dev_run(config: Path, demo_root: P
     ],
 )
 def test_precision_suited_to_device(monkeypatch, precision, accelerator, fast_bf16, expected):
-    from covid_lightning import cli
+    from covid_lightning import runtime
 
-    monkeypatch.setattr(cli, "cpu_has_fast_bf16", lambda: fast_bf16)
-    assert cli.device_precision(precision, accelerator) == expected
+    monkeypatch.setenv(runtime.FAST_BF16_ENV, str(int(fast_bf16)))
+    assert runtime.cpu_has_fast_bf16() is fast_bf16
+    assert runtime.device_precision(precision, accelerator) == expected
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
-def test_prediction_writer_is_the_last_callback(config: Path):
-    """The README's `--trainer.callbacks.gradcam true` edits the last callback of the list."""
-    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
-    assert callbacks[-1]["class_path"] == "covid_lightning.callbacks.PredictionWriter"
-    assert any(c["class_path"].endswith("EvaluationReport") for c in callbacks)
+def test_configs_hold_only_the_experiment(config: Path):
+    """No config repeats the loggers or the standard callbacks (the CLI defaults them); each names its run."""
+    cfg = yaml.safe_load(config.read_text())
+    assert cfg.get("name"), "every experiment names its run folder"
+    trainer = cfg.get("trainer") or {}
+    assert "logger" not in trainer and "default_root_dir" not in trainer
+    standard = ("ModelCheckpoint", "LearningRateMonitor", "EvaluationReport", "PredictionWriter", "RichProgressBar")
+    for callback in trainer.get("callbacks") or []:
+        assert not callback["class_path"].endswith(standard), callback

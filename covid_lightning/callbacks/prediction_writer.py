@@ -1,6 +1,9 @@
 """PredictionWriter: ``lightning predict`` -> CSVs, lung masks and Grad-CAM overlays on disk.
 
-What a run writes under ``output_dir`` (default ``<log_dir or default_root_dir>/predictions``):
+What a run writes under ``output_dir`` (default: the run's log folder, e.g.
+``runs/<name>/version_N/predict/version_M/``; ``<default_root_dir>/predictions`` without a logger).
+Earlier predictions in an explicit ``output_dir`` are never replaced silently: the run refuses to start
+unless ``overwrite: true``, which first removes the earlier CSVs, masks and overlays.
 
 - classifier: ``predictions.csv`` with ``path`` (relative to ``data.predict_root`` when the image is
   under it, else absolute), ``predicted`` (class name), then one probability column per class;
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
+
+from covid_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +112,16 @@ class PredictionWriter(BasePredictionWriter):
     """Write predictions of an :class:`XRayClassifier` or a :class:`LungSegmenter` to disk (see the module doc).
 
     Args:
-        output_dir: where to write; None = ``<trainer.log_dir or default_root_dir>/predictions``.
+        output_dir: where to write; None = the run's log folder (``trainer.log_dir``).
         gradcam: classifier only: also write a Grad-CAM overlay per image for its predicted class.
+        overwrite: replace earlier predictions found in ``output_dir`` (otherwise the run refuses).
     """
 
-    def __init__(self, output_dir: str | None = None, gradcam: bool = False) -> None:
+    def __init__(self, output_dir: str | None = None, gradcam: bool = False, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.gradcam = gradcam
+        self.overwrite = overwrite
         self.out_dir: Path | None = None
         #: the final CSV written by the last predict run (set on rank 0)
         self.csv_path: Path | None = None
@@ -155,12 +163,31 @@ class PredictionWriter(BasePredictionWriter):
                 key = self._png_key(self.relative_path(p))
                 (self._collisions if key in seen else seen).add(key)
 
+    def _clear_earlier(self, trainer: L.Trainer) -> None:
+        """Refuse to mix with earlier predictions in ``out_dir`` (or remove them with ``overwrite``)."""
+        earlier = [self.out_dir / n for n in (CLASSIFICATION_CSV, SEGMENTATION_CSV, MASKS_DIR, GRADCAM_DIR)]
+        earlier = [p for p in earlier if p.exists()]
+        if earlier and not self.overwrite:
+            raise UserError(
+                f"{self.out_dir} already holds predictions ({', '.join(p.name for p in earlier)}). Give another "
+                "--predictions.output_dir, or --predictions.overwrite true to replace them."
+            )
+        if earlier and trainer.is_global_zero:
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            log.info("Removed earlier predictions in %s (overwrite).", self.out_dir)
+        trainer.strategy.barrier("prediction_writer_cleared")
+
     # hooks -----------------------------------------------------------------------------------
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        base = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call: all ranks
-        self.out_dir = Path(self.output_dir).expanduser() if self.output_dir else base / "predictions"
+        log_dir = trainer.log_dir  # a collective call: all ranks
+        default = Path(log_dir) if trainer.loggers and log_dir else Path(trainer.default_root_dir) / "predictions"
+        self.out_dir = Path(self.output_dir).expanduser() if self.output_dir else default
+        self._clear_earlier(trainer)
         root = getattr(getattr(trainer.datamodule, "hparams", None), "predict_root", None)
         self._root = Path(root).expanduser().resolve() if root else None
+        if self._root is not None and self._root.is_file():  # one image: paths relative to its folder
+            self._root = self._root.parent
         self._classifier = hasattr(pl_module, "class_names")
         if self.gradcam and not self._classifier:
             raise ValueError("PredictionWriter(gradcam=True) needs a classifier; this model has no class_names.")

@@ -34,6 +34,8 @@ class XRayModule(L.LightningModule):
     config picks any ``torch.optim`` class with ``class_path``/``init_args``.
     """
 
+    #: what the model does: "classification" or "segmentation" (the one answer to "which kind is this?")
+    task: str = ""
     #: hyper-parameters that decide the network's shape (named in checkpoint mismatch errors)
     _compat_keys: tuple[str, ...] = ()
     #: metric that ModelCheckpoint/EarlyStopping watch by default

@@ -66,6 +66,7 @@ class XRayClassifier(XRayModule):
     """
 
     _compat_keys = ("backbone", "num_classes", "hidden_sizes", "flavor")
+    task = "classification"
     monitor = "val/acc"
     monitor_mode = "max"
 

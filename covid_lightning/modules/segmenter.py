@@ -60,6 +60,7 @@ class LungSegmenter(XRayModule):
     """
 
     _compat_keys = ("arch", "encoder", "model_kwargs")
+    task = "segmentation"
     monitor = "val/dice"
     monitor_mode = "max"
 

@@ -200,7 +200,6 @@ def test_lightning_predict_cli(classifier_ckpt: Path, demo_root: Path, predict_r
             str(tmp_path / "run"),
             "--trainer.enable_progress_bar",
             "false",
-            "--trainer.callbacks+=covid_lightning.callbacks.prediction_writer.PredictionWriter",
         ]
     )
     rows = _read(tmp_path / "run" / "predictions" / "predictions.csv")

@@ -1,0 +1,61 @@
+"""The run's checkpoints: the best by the model's own metric, and ``last.ckpt`` after every epoch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``monitor``/``mode`` default to what the model says it is judged by.
+
+    The classifier watches ``val/acc``, the segmenter ``val/dice`` (``XRayModule.monitor``), so one
+    callback serves every config; ``save_last`` writes ``last.ckpt`` each epoch for ``--ckpt_path last``.
+    The best file is named ``best-epochNN-<metric>V.VVVV.ckpt``.
+    """
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: str | None = None,
+        filename: str | None = None,
+        save_last: bool = True,
+        save_top_k: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            monitor=monitor, mode=mode or "min", filename=filename, save_last=save_last, save_top_k=save_top_k, **kwargs
+        )
+        self._auto_mode = mode is None
+        self._auto_filename = filename is None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.monitor is None and getattr(pl_module, "monitor", None):
+            self.monitor = pl_module.monitor
+            if self._auto_mode:
+                self.mode = getattr(pl_module, "monitor_mode", "min")
+                self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+        if self._auto_filename and self.monitor:
+            short = self.monitor.rsplit("/", 1)[-1]
+            self.filename = f"best-epoch{{epoch:02d}}-{short}{{{self.monitor}:.4f}}"
+            self.auto_insert_metric_name = False
+        super().setup(trainer, pl_module, stage)
+
+    # Lightning writes last.ckpt only when a best checkpoint was written at the same step; a resume needs it
+    # after every epoch, improved or not.
+    def _ensure_last(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
