@@ -5,7 +5,7 @@ Building blocks (used by ``covid-lightning check-data ROOT`` and by scanning/spl
 * :func:`inspect_image` decodes one file fully and returns a :class:`FileInfo` (size, mode, a content
   hash of the 8-bit gray pixels, a 64-bit perceptual hash, mask values) or the reason it is unusable.
 * :func:`inspect_files` does that for many files in a thread pool, with an optional JSON cache keyed by
-  the absolute path and validated by the file's stat (size, mtime, ctime, inode: see :func:`_stat_key`).
+  the absolute path and validated by the file's stat (size, mtime, ctime, inode: see :func:`stat_key`).
 * :func:`duplicate_groups` groups exact duplicates (same pixels) and near duplicates (pHash Hamming
   distance <= ``max_distance``), transitively.
 * :func:`check_dataset` / :func:`format_report` / :func:`main` make the JSON report and its text summary.
@@ -204,18 +204,19 @@ def default_workers() -> int:
     return max(1, min(16, n))
 
 
-#: the stat fields a cache entry must match (see :func:`_stat_key`)
+#: the stat fields a cache entry must match (see :func:`stat_key`)
 STAT_FIELDS: tuple[str, ...] = ("size", "mtime_ns", "ctime_ns", "ino")
 
 
-def _stat_key(path: Path) -> tuple[str, dict[str, int]] | None:
-    """The cache key of ``path`` (its absolute path) and the stat fields its entry must match.
+def stat_key(path: Path) -> tuple[str, dict[str, int]] | None:
+    """The cache key of ``path`` (its absolute path) and the stat fields its entry must match; None if it
+    cannot be stat'ed. Shared by every per-file cache (this inspection cache, the decoded-image cache).
 
     Size and mtime alone can be fooled: a same-size rewrite whose mtime is put back (``os.utime``, copy tools
-    that keep timestamps) would keep a stale "readable" verdict and fail mid-epoch. The kernel sets
-    ``st_ctime_ns`` on every write and ``os.utime`` cannot restore it; ``st_ino`` changes when another file
-    is renamed over this one. A stat, not a hash of the bytes: hashing would read the whole dataset on every
-    run, the cost the cache exists to save. (On Windows ``st_ctime`` is the creation time.)
+    that keep timestamps) would keep a stale "readable" verdict (failing mid-epoch) or stale decoded pixels.
+    The kernel sets ``st_ctime_ns`` on every write and ``os.utime`` cannot restore it; ``st_ino`` changes when
+    another file is renamed over this one. A stat, not a hash of the bytes: hashing would read the whole
+    dataset on every run, the cost the cache exists to save. (On Windows ``st_ctime`` is the creation time.)
     """
     try:
         st = os.stat(path)
@@ -279,7 +280,7 @@ def _inspect_many(
     todo: list[int] = []
     for i, (path, is_mask) in enumerate(items):
         if cache_file is not None:
-            keys[i] = key = _stat_key(path)
+            keys[i] = key = stat_key(path)
             entry = cache.get(("mask:" if is_mask else "image:") + key[0]) if key else None
             if entry and all(entry.get(name) == key[1][name] for name in STAT_FIELDS):
                 results[i] = FileInfo.from_dict(entry["info"], path)

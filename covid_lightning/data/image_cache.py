@@ -43,7 +43,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from covid_lightning.data.hygiene import default_workers
+from covid_lightning.data.hygiene import STAT_FIELDS, default_workers, stat_key
 from covid_lightning.data.transforms import ImageReadError, load_image, load_mask
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 Kind = Literal["image", "mask"]
 Storage = Literal["memory", "disk"]
 
-#: Bump when the decoding, the resize or the file layout changes: every older cache is then rebuilt.
-CACHE_VERSION = 1
+#: Bump when the decoding, the resize, the file layout or the key changes: every older cache is then rebuilt.
+#: 2: files are keyed on :func:`~covid_lightning.data.hygiene.stat_key` (size, mtime, ctime, inode).
+CACHE_VERSION = 2
 #: Temp files of builds that died (killed, power loss) are deleted by later builds after this long.
 STALE_TEMP_SECONDS = 3600.0
 
@@ -84,18 +85,22 @@ def decode_resized(path: Path, image_size: int, kind: Kind) -> np.ndarray:
 
 
 def cache_key(paths: Sequence[Path], image_size: int, kind: Kind) -> tuple[str, str]:
-    """``(key, list_id)``: ``key`` hashes (kind, size, version, every file's absolute path, size, mtime_ns)
-    in order; ``list_id`` hashes (kind, size, the absolute paths) only: the caches of one file list."""
+    """``(key, list_id)``: ``key`` hashes (kind, size, version, every file's absolute path and
+    :func:`~covid_lightning.data.hygiene.stat_key` fields: size, mtime_ns, ctime_ns, inode) in order, so a
+    same-size rewrite whose mtime was put back still changes it; ``list_id`` hashes (kind, size, the absolute
+    paths) only: the caches of one file list."""
     content = hashlib.sha256(f"covid_lightning.decoded\0{kind}\0{image_size}\0{CACHE_VERSION}\0".encode())
     listing = hashlib.sha256(f"{kind}\0{image_size}\0".encode())
     for path in paths:
-        absolute = os.path.abspath(path)
-        try:
-            st = os.stat(absolute)
-        except OSError as err:
-            raise ImageReadError(f"Cannot read {kind} {path}: {err}. Remove or replace the file.") from err
+        key = stat_key(path)
+        if key is None:
+            raise ImageReadError(
+                f"Cannot read {kind} {path}: it is missing or cannot be accessed (os.stat failed). "
+                "Remove or replace the file."
+            )
+        absolute, fields = key
         name = absolute.encode("utf-8", "surrogateescape") + b"\0"
-        content.update(name + f"{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        content.update(name + "".join(f"{fields[f]}\0" for f in STAT_FIELDS).encode())
         listing.update(name)
     return content.hexdigest(), listing.hexdigest()
 

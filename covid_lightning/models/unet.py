@@ -8,7 +8,8 @@ DeepLabV3 and PSPNet); smp's ``Unet`` also runs on other sizes by resampling its
 
 Pretrained encoder weights never fall back to random weights silently: they come either from a local
 state dict (``encoder_weights_file``) or through smp's own download (``encoder_weights``), which is
-checked beforehand (local cache, offline flags, a short TCP probe) so that an offline machine gets a
+checked beforehand (local cache, offline flags, a short TCP probe, then one metadata request with a read
+timeout) so that an offline machine, or a network that accepts connections but never answers, gets a
 ``PretrainedWeightsError`` within seconds instead of hanging in retries.
 """
 
@@ -29,9 +30,13 @@ import torch
 from torch import nn
 
 from .weights import (
+    NETWORK_TIMEOUT,
     PretrainedWeightsError,
+    download_url,
     find_in_hf_cache,
     hf_endpoint,
+    hf_hub_silence,
+    hf_hub_timeouts,
     hf_offline,
     host_reachable,
     load_state_dict_file,
@@ -228,6 +233,8 @@ def build_segmentation_model(
     encoder_weights_file: str | Path | None = None,
     in_channels: int = 3,
     classes: int = 1,
+    hub_timeout: float | None = None,
+    read_timeout: float = NETWORK_TIMEOUT,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a segmentation network returning logits ``(N, classes, H, W)``.
@@ -245,6 +252,9 @@ def build_segmentation_model(
             ``in_channels`` like smp does (summed for 1 channel).
         in_channels: input channels.
         classes: output channels (logits).
+        hub_timeout: seconds the TCP probe of the weights host waits (default ``HUB_PROBE_TIMEOUT_S``).
+        read_timeout: seconds the download of ``encoder_weights`` waits to connect or for the next bytes;
+            a host that accepts connections but never answers fails in about that time.
         **kwargs: passed on to ``SeedUNet`` (``base_channels``, ``batch_norm``) or ``smp.create_model``.
     """
     name = _resolve_arch(arch)
@@ -270,7 +280,8 @@ def build_segmentation_model(
         load_encoder_weights(model, encoder_weights_file, in_channels=in_channels)
         return model
     if encoder_weights is not None:
-        return _build_with_hub_weights(create, encoder, encoder_weights)
+        probe = HUB_PROBE_TIMEOUT_S if hub_timeout is None else hub_timeout
+        return _build_with_hub_weights(create, encoder, encoder_weights, hub_timeout=probe, read_timeout=read_timeout)
     return create(None)
 
 
@@ -381,9 +392,12 @@ HUB_PROBE_TIMEOUT_S = 5.0
 @dataclass(frozen=True)
 class _WeightsSource:
     description: str  # human readable, e.g. "Hugging Face hub repo smp-hub/resnet34.imagenet"
-    url: str  # a URL on the host that will be contacted
+    url: str  # a URL on the host that will be contacted (the hub endpoint, or the file's URL)
     cached: bool  # found in the local cache: smp will not need the network
     huggingface: bool  # governed by HF_HUB_OFFLINE
+    repo_id: str | None = None  # Hugging Face: the repo, the first file fetched and its revision
+    filename: str | None = None
+    revision: str | None = None
 
 
 def _hf_cached(repo_id: str, filename: str, revision: str | None) -> bool:
@@ -402,7 +416,10 @@ def _weights_source(encoder: str, weights: str) -> tuple[_WeightsSource, str | b
         repo_id, revision = settings[weights]["repo_id"], settings[weights]["revision"]
         # smp downloads config.json and model.safetensors with hf_hub_download at a pinned commit.
         cached = all(_hf_cached(repo_id, f, revision) for f in ("config.json", "model.safetensors"))
-        return _WeightsSource(f"Hugging Face hub repo {repo_id}", hf_endpoint(), cached, True), weights
+        source = _WeightsSource(
+            f"Hugging Face hub repo {repo_id}", hf_endpoint(), cached, True, repo_id, "config.json", revision
+        )
+        return source, weights
 
     if weights not in ("imagenet", "timm"):
         raise ValueError(
@@ -420,10 +437,12 @@ def _weights_source(encoder: str, weights: str) -> tuple[_WeightsSource, str | b
         repo_id, _, revision = cfg.hf_hub_id.partition("@")
         files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         cached = any(_hf_cached(repo_id, f, revision or None) for f in files)
-        return _WeightsSource(f"Hugging Face hub repo {repo_id}", hf_endpoint(), cached, True), True
+        source = _WeightsSource(
+            f"Hugging Face hub repo {repo_id}", hf_endpoint(), cached, True, repo_id, files[0], revision or None
+        )
+        return source, True
     if cfg.url:
-        filename = os.path.basename(urllib.parse.urlsplit(cfg.url).path)
-        cached = (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+        cached = _url_checkpoint(cfg.url).is_file()
         return _WeightsSource(f"URL {cfg.url}", cfg.url, cached, False), True
     raise ValueError(f"timm lists no download location for {timm_name!r}; use encoder_weights=None.")
 
@@ -450,18 +469,44 @@ def _weights_help(encoder: str, weights: str, reason: str, source: _WeightsSourc
     )
 
 
-def _build_with_hub_weights(create: _Factory, encoder: str, weights: str) -> nn.Module:
+def _url_checkpoint(url: str) -> Path:
+    """Where torch hub (and so timm) caches the file of ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlsplit(url).path)
+
+
+def _build_with_hub_weights(
+    create: _Factory,
+    encoder: str,
+    weights: str,
+    *,
+    hub_timeout: float = HUB_PROBE_TIMEOUT_S,
+    read_timeout: float = NETWORK_TIMEOUT,
+) -> nn.Module:
+    """``create(weights)`` with smp's download bounded: ``hub_timeout`` for the TCP probe, ``read_timeout`` for
+    each connect of, and each wait for bytes from, the hub or URL (neither smp, timm nor torch hub set one)."""
     source, smp_weights = _weights_source(encoder, weights)
     if not source.cached:
         if source.huggingface and hf_offline():
             reason = "Hugging Face hub offline mode is on (HF_HUB_OFFLINE)"
         else:
-            reason = _probe(source.url)
+            reason = _probe(source.url, hub_timeout)
         if reason is not None:
             raise PretrainedWeightsError(_weights_help(encoder, weights, reason, source))
     create(None)  # configuration errors surface as themselves, not as weight download failures
+    if not source.cached and source.huggingface and source.repo_id and source.filename:
+        # one request without retries: huggingface_hub retries a timed-out one for minutes
+        silence = hf_hub_silence(source.repo_id, source.filename, source.revision, read_timeout, endpoint=source.url)
+        if silence is not None:
+            raise PretrainedWeightsError(_weights_help(encoder, weights, silence, source))
+    elif not source.cached and source.url:  # a plain URL: fetched here with timeouts into torch hub's cache
+        try:
+            download_url(source.url, _url_checkpoint(source.url), read_timeout)
+        except Exception as err:  # TimeoutError, URLError, HTTPError, OSError
+            reason = f"download failed with {type(err).__name__}: {err}"
+            raise PretrainedWeightsError(_weights_help(encoder, weights, reason, source)) from err
     try:
-        return create(smp_weights)
+        with hf_hub_timeouts(read_timeout):
+            return create(smp_weights)
     except Exception as err:  # huggingface_hub, httpx, urllib, torch.load and safetensors errors
         raise PretrainedWeightsError(
             _weights_help(encoder, weights, f"download failed with {type(err).__name__}: {err}", source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -200,6 +201,48 @@ def test_disk_cache_invalidated_when_a_file_changes(data_copy: list[Record], tmp
     assert DecodedCache.build(paths, 96, storage="disk", cache_dir=cache_dir).key != new.key
     # a reordered list is another cache too (indices would not match)
     assert DecodedCache.build(paths[::-1], 96, storage="memory").key != new.key
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    """An uncompressed PNG: its length depends only on the shape and mode, not on the pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["in-place", "rename-over"])
+def test_disk_cache_not_fooled_by_same_size_rewrite_with_restored_mtime(
+    data_copy: list[Record], tmp_path: Path, replace: bool
+):
+    """A file rewritten with other pixels, the same size and its old mtime put back is decoded again."""
+    cache_dir = tmp_path / "cache"
+    paths = _paths(data_copy, "image")
+    changed = paths[7]
+    pixels = np.asarray(Image.open(changed).convert("L"))
+    changed.write_bytes(_png_bytes(pixels))  # uncompressed, so that other pixels give the same file size
+    old = DecodedCache.build(paths, 96, storage="disk", cache_dir=cache_dir, workers=2)
+    old_content = old[7]
+
+    data = _png_bytes(255 - pixels)
+    before = changed.stat()
+    assert len(data) == before.st_size
+    time.sleep(0.05)  # past the coarse clock tick of the file's last change
+    if replace:
+        temp = changed.with_name(".tmp-" + changed.name)
+        temp.write_bytes(data)
+        temp.replace(changed)
+    else:
+        with open(changed, "r+b") as f:
+            f.write(data)
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = changed.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+    new = DecodedCache.build(paths, 96, storage="disk", cache_dir=cache_dir, workers=2)
+    assert new.key != old.key and new.path != old.path
+    np.testing.assert_array_equal(new[7], _reference(changed, 96, "image"))
+    assert not np.array_equal(new[7], old_content)
+    np.testing.assert_array_equal(new[6], old[6])
 
 
 def test_interrupted_build_never_reused(records: list[Record], tmp_path: Path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from covid_lightning.models.unet import (
     required_input_divisor,
 )
 from covid_lightning.models.weights import PretrainedWeightsError
+from tests.helpers.silent_server import SilentServer
 
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
@@ -203,6 +205,67 @@ def test_encoder_weights_fail_fast_offline(
     message = str(err.value)
     assert "encoder_weights_file" in message and "torch.save(m.encoder.state_dict()" in message
     assert not list(isolated_hub.rglob("*.safetensors"))
+
+
+@pytest.fixture
+def online_hub(isolated_hub: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``isolated_hub`` with every offline flag off, so a download is really attempted."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return isolated_hub
+
+
+@pytest.mark.parametrize("encoder", ["resnet34", "tu-mobilenetv2_050"])
+def test_encoder_weights_silent_hub_fail_with_instructions(
+    encoder: str, online_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub accepts TCP but never answers: a read timeout, then the same local-file instructions."""
+    before = (huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT, huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    with SilentServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        start = time.monotonic()
+        with pytest.raises(PretrainedWeightsError) as err:
+            build_segmentation_model(
+                "Unet", encoder=encoder, encoder_weights="imagenet", hub_timeout=2.0, read_timeout=1.0
+            )
+        elapsed = time.monotonic() - start
+        assert server.connections, "the hub request never reached the silent server"
+    assert elapsed < 30, elapsed
+    message = str(err.value)
+    assert server.url in message and "no answer within 1 s" in message
+    assert "encoder_weights_file" in message and "torch.save(m.encoder.state_dict()" in message
+    assert not list(online_hub.rglob("*.safetensors"))
+    after = (huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT, huggingface_hub.constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    assert after == before
+
+
+def test_timm_url_encoder_weights_silent_host_fail_with_instructions(
+    online_hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """timm weights at a plain URL (torch hub's download has no timeout) from a host that never answers."""
+    real_cfg = timm.models.get_pretrained_cfg
+    with SilentServer() as server:
+        url = f"{server.url}/legacy_seresnet18.pth"
+
+        def silent_url(name: str, *args, **kwargs):
+            cfg = real_cfg(name, *args, **kwargs)
+            ours = cfg is not None and name.startswith("legacy_seresnet18")
+            return dataclasses.replace(cfg, url=url) if ours else cfg
+
+        monkeypatch.setattr(timm.models, "get_pretrained_cfg", silent_url)
+        start = time.monotonic()
+        with pytest.raises(PretrainedWeightsError) as err:
+            build_segmentation_model(
+                "Unet", encoder="tu-legacy_seresnet18", encoder_weights="imagenet", hub_timeout=2.0, read_timeout=1.0
+            )
+        elapsed = time.monotonic() - start
+        assert server.connections, "the download never reached the silent server"
+    assert elapsed < 30, elapsed
+    message = str(err.value)
+    assert url in message and "TimeoutError" in message and "sent nothing for 1 s" in message
+    assert "encoder_weights_file" in message and "torch.save(m.encoder.state_dict()" in message
+    assert not [p for p in (tmp_path / "torch").rglob("*") if p.is_file()]  # no partial checkpoint
 
 
 def _fake_hf_cache(hub_cache: Path, repo_id: str, files: dict[str, dict[str, torch.Tensor] | str],
