@@ -339,15 +339,21 @@ def setup_console() -> None:
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")  # evaluating a run's checkpoint
 
 
-def is_user_error(err: BaseException) -> bool:
-    """A mistake the user can fix: our :class:`UserError`, a missing file, or a ``ValueError``/``TypeError``
-    raised by this package's own checks (not by a bug deep in a library)."""
-    if isinstance(err, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
-        return True
-    if isinstance(err, (ValueError, TypeError)):
-        frames = traceback.extract_tb(err.__traceback__)
-        return bool(frames) and f"{os.sep}covid_lightning{os.sep}" in frames[-1].filename
-    return False
+def user_error(err: BaseException) -> BaseException | None:
+    """The mistake a user can fix behind ``err``, if any: our :class:`UserError`, a missing file, or a
+    ``ValueError``/``TypeError`` raised by this package's own checks; followed through the exceptions that
+    wrap it (jsonargparse reports a failed ``__init__`` inside its own error)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+            return err
+        if isinstance(err, (ValueError, TypeError)):
+            frames = traceback.extract_tb(err.__traceback__)
+            if frames and f"{os.sep}covid_lightning{os.sep}" in frames[-1].filename:
+                return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -367,9 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.argv[1:] = args  # LightningCLI reads sys.argv itself (without --debug)
         build_cli(args if argv is not None else None)
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs right here
-        if debug or not is_user_error(err):
+        mistake = user_error(err)
+        if debug or mistake is None:
             raise
-        print(f"error: {err}\n(for the full traceback: --debug or {DEBUG_ENV}=1)", file=sys.stderr, flush=True)
+        print(f"error: {mistake}\n(for the full traceback: --debug or {DEBUG_ENV}=1)", file=sys.stderr, flush=True)
         return 2
     return 0
 
