@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from covid_lightning.data.datasets import FeatureDataset
 
@@ -57,6 +57,8 @@ class FrozenFeatureCache(L.Callback):
 
     @torch.no_grad()
     def _features(self, pl_module: L.LightningModule, dataset: Any, workers: int) -> FeatureDataset:
+        if isinstance(dataset, IterableDataset):  # a LitData stream: read once, in order, in this process
+            workers = 0
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers)
         net, chunks, labels, paths = pl_module.net, [], [], []
         was_training = net.training

@@ -331,9 +331,10 @@ class XRayDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"No {split} data: call setup() first (or set predict_root for predict).")
         workers = default_num_workers() if self.hparams.num_workers is None else self.hparams.num_workers
-        if isinstance(self.datasets[split], FeatureDataset):
+        cached = isinstance(self.datasets[split], FeatureDataset)
+        if cached:
             workers = 0  # cached activations are in memory: worker processes would only add IPC
-        if self.hparams.streaming and split != "predict":
+        if self.hparams.streaming and split != "predict" and not cached:
             from covid_lightning.data.streaming import streaming_loader
 
             return streaming_loader(self.datasets[split], self.hparams.batch_size, workers)
@@ -348,9 +349,9 @@ class XRayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by :class:`EpochSampler` (order and augmentation a function of seed and epoch)."""
-        if self.hparams.streaming:
-            return self._loader("train")
         dataset = self.datasets.get("train")
+        if self.hparams.streaming and not isinstance(dataset, FeatureDataset):  # cached features: in memory
+            return self._loader("train")
         if dataset is None:
             raise RuntimeError("No train data: call setup() first.")
         if len(dataset) == 0:

@@ -273,3 +273,24 @@ def test_datamodule_streaming_option_matches_folder(demo_root, tmp_path):
     assert [p.split("/")[-1] for p in a["path"]] == [p.split("/")[-1] for p in b["path"]]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     assert len(next(iter(stream.train_dataloader()))["image"]) == 4
+
+
+def test_frozen_regime_config_trains_on_a_stream_with_the_prefix_cached(optimized: Path, tmp_path: Path, caplog):
+    """The lab's head_only config (FrozenFeatureCache) on ``data.streaming``: the frozen prefix is computed once
+    over the stream and the suffix trains from memory (it used to die inside LitData's loader)."""
+    from covid_lightning.callbacks import FrozenFeatureCache
+    from covid_lightning.cli import build_cli
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "classification" / "head_only.yaml"
+    cli = build_cli(
+        ["fit", "--config", str(config), "--data.streaming", str(optimized), "--data.root", "null",
+         "--model.pretrained", "false", "--data.image_size", "32", "--data.batch_size", "8",
+         "--data.num_workers", "0", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(tmp_path)]
+    )  # fmt: skip
+    cache = next(c for c in cli.trainer.callbacks if isinstance(c, FrozenFeatureCache))
+    assert cache.seconds is not None and cli.trainer.current_epoch == 2
+    run = tmp_path / "head_only" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    rows = [r for r in (run / "metrics.csv").read_text().splitlines()[1:] if r]
+    assert len(rows) >= 2
