@@ -62,9 +62,10 @@ Sections:
     The JSON also has the process-wide peak after each section.
 
 The models are built as the lab's configs build them (Keras-flavour MobileNetV2, x/255 inputs, random
-weights: speed does not depend on them). The Keras reference (the lab's Keras, TF 2.21 CPU, on a 2-core
-AVX512-bf16 EPYC) is shown next to the rows measured at the lab's sizes; compare it only with numbers
-from the same kind of machine.
+weights: speed does not depend on them). ``--keras-json FILE`` (written by ``scripts/keras_reference.py``
+on the same machine) adds the lab's Keras figures next to the rows measured at the lab's sizes, and
+``x keras`` = covid-lightning's speed over Keras' (> 1: faster); without it there is no Keras column,
+since a figure from another machine says nothing about this one.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +103,6 @@ CLASSIFIER_REGIMES = ("head", "last_2_conv", "all")
 CACHE_REGIMES = ("head", "last_4_blocks")
 MIB = 1024 * 1024
 
-#: The lab's Keras figures (TF 2.21 CPU, 2-core AVX512-bf16 EPYC), keyed by (section, model, case, precision).
-#: train: ms/step (classifier batch 32 at 224 px, U-Net batch 16 at 128 px); infer: images/s at batch 64.
-KERAS_REFERENCE: dict[tuple[str, str, str, str], float] = {
-    ("train", "classifier", "head", "32-true"): 90.0,
-    ("train", "classifier", "last_2_conv", "32-true"): 106.0,
-    ("train", "classifier", "all", "32-true"): 435.0,
-    ("train", "unet", "train", "32-true"): 482.0,
-    ("train", "unet", "train", "bf16-mixed"): 244.0,
-    ("infer", "classifier", "infer", "32-true"): 407.0,
-    ("infer", "unet", "infer", "32-true"): 132.0,
-    ("infer", "unet", "infer", "bf16-mixed"): 237.0,
-}
 #: The sizes the Keras figures were measured at.
 REFERENCE_SIZES = {
     "classifier_batch": 32,
@@ -176,6 +165,9 @@ class Settings:
     malloc: str = "default"
     quick: bool = False
     json_path: str | None = None
+    #: the lab's Keras figures measured on this machine: "section/model/case/precision" -> ms/step or img/s
+    keras: dict[str, float] = field(default_factory=dict)
+    keras_json: str | None = None
 
     @property
     def at_reference_sizes(self) -> bool:
@@ -524,6 +516,7 @@ TABLES: dict[str, list[Column]] = {
         Column("fit_kernel", "sys", ".0%"),
         Column("first_step_s", "1st step s", ".2f"),
         Column("keras_ms", "keras ms", ".0f"),
+        Column("keras_speed", "x keras", ".2f"),
         Column("keras_matmul_share", "keras % matmul", ".0%"),
     ],
     "infer": [
@@ -541,6 +534,7 @@ TABLES: dict[str, list[Column]] = {
         Column("kernel", "sys", ".0%"),
         Column("setup_s", "setup s", ".1f"),
         Column("keras_img_s", "keras img/s", ".0f"),
+        Column("keras_speed", "x keras", ".2f"),
         Column("keras_matmul_share", "keras % matmul", ".0%"),
         Column("note", "note"),
     ],
@@ -600,9 +594,10 @@ def format_notes(result: dict[str, Any]) -> str:
             "same batch; +metrics = a plain loop calling model.shared_step; hook = on_train_batch_start -> end; "
             "overhead = median over steps of fit / loop - 1; trainer = fit / +metrics - 1 (Lightning's own share)."
         )
-    if any(k[0] in result["sections"] for k in KERAS_REFERENCE):
+    if result["settings"].get("keras") and {"train", "infer"} & set(result["sections"]):
         notes.append(
-            "keras = the lab's Keras (TF 2.21 CPU) on a 2-core AVX512-bf16 EPYC, shown at the lab's sizes only."
+            f"keras = the lab's Keras measured on this machine by scripts/keras_reference.py "
+            f"({result['settings'].get('keras_json')}), at the lab's sizes only; x keras > 1: faster than Keras."
         )
     if {"train", "infer"} & set(result["sections"]):
         notes.append(
@@ -629,7 +624,8 @@ def format_section(
         threads = threads or torch.get_num_threads()
         if name != "loader" and cores < 0.75 * threads:
             load += f" of its {threads} threads: a busy machine? (try --threads)"
-    return f"== {TITLES[name]} ({elapsed_s:.0f} s{load})\n{format_table(rows, TABLES[name])}"
+    columns = [c for c in TABLES[name] if not c.key.startswith("keras") or any(r.get(c.key) for r in rows)]
+    return f"== {TITLES[name]} ({elapsed_s:.0f} s{load})\n{format_table(rows, columns)}"
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -1050,11 +1046,29 @@ def train_cases(settings: Settings) -> list[tuple[ModelCase, str]]:
     return cases
 
 
+def keras_key(section: str, model: str, case: str, precision: str) -> str:
+    """The key of one Keras figure in ``scripts/keras_reference.py``'s JSON."""
+    return f"{section}/{model}/{case}/{precision}"
+
+
+def load_keras_reference(path: str) -> dict[str, float]:
+    """``{"reference": {keras_key: value}}`` as ``scripts/keras_reference.py --json`` writes it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        reference = {str(k): float(v) for k, v in data["reference"].items() if v is not None}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise SystemExit(f"--keras-json {path}: not a scripts/keras_reference.py --json file ({err}).") from err
+    bad = [k for k in reference if k.count("/") != 3]
+    if bad:
+        raise SystemExit(f"--keras-json {path}: unexpected keys {bad} (section/model/case/precision).")
+    return reference
+
+
 def keras_reference(section: str, model: str, case: str, precision: str, settings: Settings) -> float | None:
-    """The lab's Keras figure for this row, when it was measured at these sizes."""
+    """The lab's Keras figure for this row (from ``--keras-json``), when it was measured at these sizes."""
     if not settings.at_reference_sizes:
         return None
-    return KERAS_REFERENCE.get((section, model, case, precision))
+    return settings.keras.get(keras_key(section, model, case, precision))
 
 
 def train_row(case: ModelCase, precision: str, settings: Settings) -> Row:
@@ -1411,6 +1425,12 @@ def build_parser() -> argparse.ArgumentParser:
         " quick: default (the smoke test leaves the process's allocator alone)",
     )
     add("--json", dest="json_path", default=None, help="also write the results as JSON here ('-': stdout)")
+    add(
+        "--keras-json",
+        default=None,
+        help="the lab's Keras figures measured on this machine (scripts/keras_reference.py --json FILE): adds the"
+        " keras and 'x keras' (speed ratio) columns",
+    )
     return parser
 
 
@@ -1436,6 +1456,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     if args["warmup"] < 1 or args["repeats"] < 1:
         raise SystemExit("--warmup and --repeats must be at least 1.")
     args["sections"] = tuple(s for s in SECTIONS if s in args["sections"])
+    args["keras"] = load_keras_reference(args["keras_json"]) if args["keras_json"] else {}
     return Settings(**args)
 
 
@@ -1462,7 +1483,7 @@ def _run_sections(settings: Settings, echo: Callable[[str], None] | None) -> dic
     result: dict[str, Any] = {
         "machine": machine,
         "settings": asdict(settings),
-        "keras_reference": {"/".join(k): v for k, v in KERAS_REFERENCE.items()},
+        "keras_reference": dict(settings.keras),
         "sections": {},
         "elapsed_s": {},
         "cpu_s": {},
@@ -1499,10 +1520,12 @@ def add_compute_shares(rows: list[Row], matmul_rate: float) -> list[Row]:
                 row["gflop_per_step"], fit_ms and fit_ms / 1000, matmul_rate
             )
             row["keras_matmul_share"] = _share(row["gflop_per_step"], keras_ms and keras_ms / 1000, matmul_rate)[1]
+            row["keras_speed"] = keras_ms / fit_ms if keras_ms and fit_ms else None
         elif "gflop_per_image" in row:
             img_s, keras = row.get("img_s"), row.get("keras_img_s")
             row["gflop_s"], row["matmul_share"] = _share(row["gflop_per_image"], img_s and 1 / img_s, matmul_rate)
             row["keras_matmul_share"] = _share(row["gflop_per_image"], keras and 1 / keras, matmul_rate)[1]
+            row["keras_speed"] = img_s / keras if keras and img_s else None
     return rows
 
 
@@ -1547,7 +1570,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "KERAS_REFERENCE",
     "Column",
     "ModelCase",
     "Settings",

@@ -1,11 +1,15 @@
 """Time the lab's Keras models on this machine: the "Keras" column of the benchmark, measured here.
 
-The benchmark table quotes the lab's Keras figures from another CPU (a 2-core AVX512-bf16 EPYC).
-This script re-measures them on the machine at hand so the comparison is like for like. It needs
-TensorFlow, which covid-lightning does not depend on; use a separate environment:
+The benchmark shows Keras figures only from a JSON this script wrote on the same machine, so every
+comparison is like for like. It needs TensorFlow, which covid-lightning does not depend on; use a
+separate environment:
 
     python -m venv /tmp/tf && /tmp/tf/bin/pip install "tensorflow-cpu==2.21.*"
-    /tmp/tf/bin/python scripts/keras_reference.py [--weights ../shared/weights/<keras .h5>] [--json out.json]
+    /tmp/tf/bin/python scripts/keras_reference.py [--weights ../shared/weights/<keras .h5>] --json k.json
+    python scripts/benchmark.py --keras-json k.json
+
+On a CPU with native bfloat16 (AVX512-BF16 or AMX) the U-Net rows are also measured under Keras'
+``mixed_bfloat16`` policy (the lab's mixed precision on a CPU).
 
 Figures are medians of ``--repeats`` timed calls after ``--warmup`` untimed ones, as in
 ``scripts/benchmark.py``: ms per training step (``train_on_batch``) and images/s for ``predict_on_batch``.
@@ -34,6 +38,27 @@ def _median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def classifier(keras: Any, trainable: str, weights: str | None) -> Any:
@@ -85,13 +110,16 @@ def main() -> int:
 
     keras = tf.keras
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    reference: dict[str, float] = {}
 
-    def add(case: str, value: float, unit: str) -> None:
-        rows.append({"case": case, "value": round(value, 1), "unit": unit})
+    def add(case: str, value: float, unit: str, key: str) -> None:
+        """``key``: section/model/case/precision, as scripts/benchmark.py --keras-json reads it."""
+        rows.append({"case": case, "value": round(value, 1), "unit": unit, "key": key})
+        reference[key] = round(value, 1)
         print(f"{case:<45} {value:9.1f} {unit}", flush=True)
 
-    print(f"TensorFlow {tf.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"TensorFlow {tf.__version__}, {cpu_name()}, {os.cpu_count()} CPUs")
     x = rng.random((32, 224, 224, 3), dtype=np.float32)
     y = rng.integers(0, 4, 32)
     for regime in ("head", "last_2_conv", "all"):
@@ -100,32 +128,43 @@ def main() -> int:
             f"classifier train {regime}, batch 32, 224 px",
             _median_ms(lambda m=model: m.train_on_batch(x, y), args.warmup, args.repeats),
             "ms/step",
+            f"train/classifier/{regime}/32-true",
         )
     xi = rng.random((64, 224, 224, 3), dtype=np.float32)
     add(
         "classifier inference, batch 64",
         64000 / _median_ms(lambda: model.predict_on_batch(xi), args.warmup, args.repeats),
         "img/s",
+        "infer/classifier/infer/32-true",
     )
 
-    seg = unet(keras)
-    assert seg.count_params() == 466_529, seg.count_params()
     xs = rng.random((16, 128, 128, 3), dtype=np.float32)
     ys = (rng.random((16, 128, 128, 1)) > 0.5).astype(np.float32)
-    add(
-        "U-Net train fp32, batch 16, 128 px",
-        _median_ms(lambda: seg.train_on_batch(xs, ys), args.warmup, args.repeats),
-        "ms/step",
-    )
     xsi = rng.random((64, 128, 128, 3), dtype=np.float32)
-    add(
-        "U-Net inference fp32, batch 64",
-        64000 / _median_ms(lambda: seg.predict_on_batch(xsi), args.warmup, args.repeats),
-        "img/s",
-    )
+    flags = cpu_flags()
+    precisions = ["32-true"] + (["bf16-mixed"] if {"avx512_bf16", "amx_bf16"} & flags else [])
+    for precision in precisions:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bf16-mixed" else "float32")
+        seg = unet(keras)
+        assert seg.count_params() == 466_529, seg.count_params()
+        add(
+            f"U-Net train {precision}, batch 16, 128 px",
+            _median_ms(lambda m=seg: m.train_on_batch(xs, ys), args.warmup, args.repeats),
+            "ms/step",
+            f"train/unet/train/{precision}",
+        )
+        add(
+            f"U-Net inference {precision}, batch 64",
+            64000 / _median_ms(lambda m=seg: m.predict_on_batch(xsi), args.warmup, args.repeats),
+            "img/s",
+            f"infer/unet/infer/{precision}",
+        )
+    keras.mixed_precision.set_global_policy("float32")
     if args.json:
+        machine = {"cpu": cpu_name(), "cpus": os.cpu_count(), "bf16_flags": sorted({"avx512_bf16", "amx_bf16"} & flags)}
+        out = {"tensorflow": tf.__version__, "machine": machine, "reference": reference, "rows": rows}
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"tensorflow": tf.__version__, "rows": rows}, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 

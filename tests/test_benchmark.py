@@ -135,12 +135,30 @@ def test_16_mixed_needs_cuda() -> None:
         bm.parse_settings(["--device", "cpu", "--precision", "32-true,16-mixed"])
 
 
-def test_keras_reference_only_at_the_labs_sizes() -> None:
-    lab = bm.Settings()
-    assert bm.keras_reference("train", "classifier", "all", "32-true", lab) == 435.0
-    assert bm.keras_reference("infer", "unet", "infer", "bf16-mixed", lab) == 237.0
-    smaller = bm.Settings(classifier_size=128)
+def test_keras_reference_comes_from_this_machines_json_only(tmp_path: Path) -> None:
+    """No Keras figure without --keras-json; with it, the figures at the lab's sizes and a speed ratio."""
+    assert bm.keras_reference("train", "classifier", "all", "32-true", bm.parse_settings(["--device", "cpu"])) is None
+    path = tmp_path / "k.json"
+    reference = {"train/classifier/all/32-true": 800.0, "infer/unet/infer/bf16-mixed": 300.0}
+    path.write_text(json.dumps({"tensorflow": "2.21", "reference": reference}))
+    lab = bm.parse_settings(["--device", "cpu", "--keras-json", str(path)])
+    assert bm.keras_reference("train", "classifier", "all", "32-true", lab) == 800.0
+    assert bm.keras_reference("infer", "unet", "infer", "bf16-mixed", lab) == 300.0
+    assert bm.keras_reference("train", "unet", "train", "32-true", lab) is None  # not measured there
+    smaller = bm.parse_settings(["--device", "cpu", "--keras-json", str(path), "--classifier-size", "128"])
     assert bm.keras_reference("train", "classifier", "all", "32-true", smaller) is None
+    row = {"gflop_per_step": 10.0, "fit_ms": 400.0, "keras_ms": 800.0}
+    assert bm.add_compute_shares([row], matmul_rate=100.0)[0]["keras_speed"] == pytest.approx(2.0)
+    path.write_text("{}")
+    with pytest.raises(SystemExit, match="keras_reference"):
+        bm.parse_settings(["--device", "cpu", "--keras-json", str(path)])
+
+
+def test_keras_columns_only_with_a_reference() -> None:
+    rows = [{"model": "unet", "fit_ms": 1.0, "keras_ms": None}]
+    assert "keras" not in bm.format_section("train", rows, 1.0)
+    rows[0]["keras_ms"], rows[0]["keras_speed"] = 2.0, 2.0
+    assert "x keras" in bm.format_section("train", rows, 1.0)
 
 
 def test_time_calls_and_median() -> None:
