@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 from typing_extensions import Self
 
+log = logging.getLogger(__name__)
+
 STAGES = ("train", "val", "test")
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 #: checkpoint key naming the model class that wrote it (``covid_lightning.inference.load_checkpoint``)
@@ -18,6 +24,11 @@ MODEL_CLASS_KEY = "covid_lightning_model"
 
 #: Hyper-parameters that only matter when a model is first built (weights come from the checkpoint after).
 _BUILD_ONLY = {"pretrained": False, "pretrained_file": None, "encoder_weights": None, "encoder_weights_file": None}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -56,9 +67,11 @@ class XRayModule(L.LightningModule):
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}.")
         self.scheduler_interval = scheduler_interval
-        if memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, not {memory_format!r}.")
-        self.memory_format = MEMORY_FORMATS[memory_format]
+        if memory_format not in (*MEMORY_FORMATS, "auto"):
+            choices = ", ".join([*MEMORY_FORMATS, "auto"])
+            raise ValueError(f"memory_format must be one of {choices}, not {memory_format!r}.")
+        self.auto_memory_format = memory_format == "auto"
+        self.memory_format = MEMORY_FORMATS["channels_last" if self.auto_memory_format else memory_format]
         self.compile_model = compile_model
 
     # speed -----------------------------------------------------------------------------------
@@ -69,6 +82,46 @@ class XRayModule(L.LightningModule):
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images in the network's memory format (channels_last: NHWC strides, ~1.5-2x faster convs on CPU)."""
         return images.contiguous(memory_format=self.memory_format) if images.dim() == 4 else images
+
+    def on_fit_start(self) -> None:
+        if self.auto_memory_format:
+            self.pick_memory_format()
+
+    def pick_memory_format(self, steps: int = 2) -> dict[str, float]:
+        """Time ``steps`` training steps of each layout (:meth:`time_layout`) and keep the faster, like cuDNN's
+        benchmark mode: which layout wins depends on the CPU/GPU kind. Returns ms per step by layout."""
+        timings = {name: self.time_layout(layout, steps) for name, layout in MEMORY_FORMATS.items()}
+        best = min(timings, key=timings.__getitem__)
+        self.memory_format = MEMORY_FORMATS[best]
+        self.net.to(memory_format=self.memory_format)
+        log.info(
+            "memory_format auto: %s (ms per step: %s).", best, ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+        )
+        return timings
+
+    def time_layout(self, layout: torch.memory_format, steps: int = 2) -> float:
+        """Best ms of ``steps`` forward + backward passes (after one warm-up) of a copy of the network in
+        ``layout``, on a batch of the run's shape and precision; the run's own weights are not touched."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        batch = int(getattr(getattr(datamodule, "hparams", None), "batch_size", 8) or 8)
+        size = int(self.hparams.get("image_size", 128))
+        x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=self.device)
+        x = x.contiguous(memory_format=layout)
+        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+        net = copy.deepcopy(self.net).to(memory_format=layout)  # same train/eval modes as the run
+        times = []
+        for step in range(steps + 1):
+            _synchronize(self.device)
+            started = time.perf_counter()
+            with context:
+                out = net(x)
+                loss = (out if isinstance(out, torch.Tensor) else out[0]).float().mean()
+            if loss.requires_grad:
+                loss.backward()
+            _synchronize(self.device)
+            if step:  # the first is a warm-up (kernel selection, allocations)
+                times.append((time.perf_counter() - started) * 1000)
+        return min(times)
 
     def configure_model(self) -> None:
         """``compile_model: true`` compiles the network in place (``nn.Module.compile``; state-dict keys

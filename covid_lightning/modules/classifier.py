@@ -61,7 +61,8 @@ class XRayClassifier(XRayModule):
             optimizer's ``lr``): gentle fine-tuning of pretrained layers.
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
         lr_scheduler: optional LR scheduler factory; ``scheduler_interval`` is ``epoch`` or ``step``.
-        memory_format: ``channels_last`` (default, faster convolutions) or ``contiguous``.
+        memory_format: ``channels_last`` (default, faster convolutions), ``contiguous``, or ``auto``
+            (both timed on a few training steps at fit start, the faster kept and logged).
         compile_model: ``torch.compile`` the network (worth it for long GPU runs).
     """
 
@@ -89,7 +90,7 @@ class XRayClassifier(XRayModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
-        memory_format: Literal["channels_last", "contiguous"] = "channels_last",
+        memory_format: Literal["channels_last", "contiguous", "auto"] = "channels_last",
         compile_model: bool = False,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, scheduler_interval, memory_format, compile_model)
@@ -174,6 +175,7 @@ class XRayClassifier(XRayModule):
             self.class_weight = torch.as_tensor(dm.class_weights, dtype=torch.float32, device=self.device)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         frozen_bn = sum(1 for m in self.net.modules() if isinstance(m, _BatchNorm) and not m.training)
         if frozen_bn:
             log.info("%d frozen BatchNorm layers run in inference mode for the whole run (as in Keras).", frozen_bn)

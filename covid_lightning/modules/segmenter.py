@@ -55,7 +55,8 @@ class LungSegmenter(XRayModule):
         model_kwargs: extra architecture arguments (e.g. ``{batch_norm: true}`` for ``seed_unet``).
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
         lr_scheduler: optional LR scheduler factory.
-        memory_format: ``channels_last`` (default, faster convolutions) or ``contiguous``.
+        memory_format: ``channels_last`` (default, faster convolutions), ``contiguous``, or ``auto``
+            (both timed on a few training steps at fit start, the faster kept and logged).
         compile_model: ``torch.compile`` the network (worth it for long GPU runs).
     """
 
@@ -78,7 +79,7 @@ class LungSegmenter(XRayModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
-        memory_format: Literal["channels_last", "contiguous"] = "channels_last",
+        memory_format: Literal["channels_last", "contiguous", "auto"] = "channels_last",
         compile_model: bool = False,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, scheduler_interval, memory_format, compile_model)

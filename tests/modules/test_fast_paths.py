@@ -58,3 +58,25 @@ def test_bf16_autocast_stays_close_to_float32(cls: type, kwargs: dict, size: int
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = _loss(model.train(), images)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the loss is computed in float32
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "size"), CASES)
+def test_auto_memory_format_keeps_the_faster_layout(cls: type, kwargs: dict, size: int, monkeypatch) -> None:
+    """``memory_format: auto`` keeps the layout that timed faster; timing runs on a copy of the network
+    (the run's weights, gradients and BatchNorm statistics are untouched)."""
+    model = cls(memory_format="auto", image_size=size, **{k: v for k, v in kwargs.items() if k != "image_size"})
+    assert model.auto_memory_format and model.memory_format == torch.channels_last
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for layout in (torch.channels_last, torch.contiguous_format):
+        assert model.time_layout(layout, steps=1) > 0
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for faster in (torch.contiguous_format, torch.channels_last):
+        monkeypatch.setattr(model, "time_layout", lambda layout, steps=2, f=faster: 1.0 if layout == f else 2.0)
+        timings = model.pick_memory_format()
+        assert model.memory_format == faster and sorted(timings.values()) == [1.0, 2.0]
+        conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=faster)
+    with pytest.raises(ValueError, match="channels_last, contiguous, auto"):
+        cls(memory_format="fastest", **kwargs)
