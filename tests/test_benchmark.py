@@ -1,4 +1,4 @@
-"""scripts/benchmark.py (covid_lightning.benchmark): a smoke run at tiny sizes, and its small pieces."""
+"""scripts/benchmark.py: a smoke run at tiny sizes, and its small pieces."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from covid_lightning import benchmark as bm
+from tests.helpers.scripts import load_script
+
+bm = load_script("benchmark")
 
 
 def _positive(value: object) -> bool:

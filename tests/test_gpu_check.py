@@ -3,22 +3,16 @@ command it would run on a GPU machine accepted by its parser."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_without_cuda_every_step_is_skipped_and_summarised(tmp_path: Path, monkeypatch, capsys):
@@ -54,8 +48,9 @@ def test_summary_reads_the_benchmark_json(tmp_path: Path):
 def test_the_gpu_commands_parse(tmp_path: Path, capsys):
     """What the script runs on a GPU machine: the benchmark's options and both fits' configs are valid."""
     gpu_check = _load()
-    from covid_lightning import benchmark
     from covid_lightning.cli import build_cli
+
+    benchmark = load_script("benchmark")
 
     steps = {s.name: s for s in gpu_check.plan(tmp_path, batch=256, epochs=3)}
     bench_args = steps["benchmark"].command[2:]
