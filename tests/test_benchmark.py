@@ -49,7 +49,6 @@ def test_quick_run_writes_every_section(demo_root: Path, tmp_path: Path, capsys:
     assert set(train) == {(*case, "channels_last", p) for case in cases for p in precisions}
     for row in train.values():
         assert all(_positive(row[k]) for k in ("plain_ms", "step_ms", "fit_ms", "hook_ms", "fit_img_s", "first_step_s"))
-        assert row["hook_ms"] <= row["fit_ms"] * 1.5  # a part of the cycle (up to timing noise)
         assert math.isfinite(row["overhead"]) and row["overhead"] > -1
         assert math.isfinite(row["trainer_overhead"]) and row["trainer_overhead"] > -1
         assert row["keras_ms"] is None  # not the lab's sizes

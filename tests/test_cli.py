@@ -86,6 +86,7 @@ def _console(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     return proc
 
 
+@pytest.mark.slow
 def test_console_script_fit_demo_fast_dev_run(tmp_path: Path):
     """The demo config with its embedded default (root: null -> synthetic data generated on first use)."""
     _console(
@@ -102,6 +103,7 @@ def test_console_script_fit_demo_fast_dev_run(tmp_path: Path):
     )
 
 
+@pytest.mark.slow
 def test_console_script_fit_real_sample_leaves_best_and_last(radiography_sample: Path, tmp_path: Path):
     _console(
         "fit",
@@ -149,6 +151,7 @@ def test_segmentation_configs_found():
     assert {"segmentation/unet_seed.yaml", "segmentation/unet_resnet34.yaml", "demo/segmentation.yaml"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", SEGMENTATION_CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_console_script_fit_segmentation_fast_dev_run(config: Path, demo_root: Path, tmp_path: Path):
     """Every segmentation config trains through the console script (16-mixed becomes bf16-mixed on CPU)."""

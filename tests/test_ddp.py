@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess runs of the real command
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,8 @@ import torch
 
 from covid_lightning.modules.base import MODEL_CLASS_KEY
 
+pytestmark = pytest.mark.slow  # subprocess runs of the real command
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLS = REPO / "configs" / "demo" / "classification.yaml"
 DEMO_SEG = REPO / "configs" / "demo" / "segmentation.yaml"

@@ -333,45 +333,6 @@ def test_cache_in_forked_dataloader_workers(records: list[Record], tmp_path: Pat
 # --------------------------------------------------------------------------------------------
 
 
-def _per_item_ms(fn, n: int, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(n):
-            fn(i)
-        best = min(best, (time.perf_counter() - start) / n)
-    return best * 1e3
-
-
-def test_benchmark_decode_vs_cached(records: list[Record], tmp_path: Path):
-    size, paths = 224, _paths(records, "image")
-    n = len(paths)
-    memory = DecodedCache.build(paths, size, storage="memory", workers=1)
-    disk = DecodedCache.build(paths, size, storage="disk", cache_dir=tmp_path, workers=1)
-    transform = build_transform(size)
-    decode = _per_item_ms(lambda i: decode_resized(paths[i], size, "image"), n)
-    cached_memory = _per_item_ms(lambda i: memory[i], n)
-    cached_disk = _per_item_ms(lambda i: disk[i], n)
-    sample_files = _per_item_ms(lambda i: transform(image=load_image(paths[i])), n)
-    sample_cached = _per_item_ms(lambda i: transform(image=disk[i]), n)
-    masks = _paths(records, "mask")
-    mask_cache = DecodedCache.build(masks, size, kind="mask", storage="disk", cache_dir=tmp_path, workers=1)
-    decode_mask = _per_item_ms(lambda i: decode_resized(masks[i], size, "mask"), n)
-    cached_mask = _per_item_ms(lambda i: mask_cache[i], n)
-    print(
-        f"\n[image_cache] {n} images 299 px -> {size} px, one thread, best of 3:"
-        f"\n  decode+resize image   {decode:7.3f} ms/image"
-        f"\n  cached image (memory) {cached_memory:7.3f} ms/image"
-        f"\n  cached image (disk)   {cached_disk:7.3f} ms/image"
-        f"\n  eval sample from file {sample_files:7.3f} ms/image (decode + A.Resize + ToTensorV2)"
-        f"\n  eval sample cached    {sample_cached:7.3f} ms/image"
-        f"\n  decode+resize mask    {decode_mask:7.3f} ms/mask, cached {cached_mask:.3f} ms/mask"
-        f"\n  footprint {memory.nbytes / n / 1e3:.1f} kB/image -> {21165 * memory.nbytes / n / 2**30:.2f} GiB "
-        f"for 21,165 images ({21165 * size * size * 3 / 2**30:.2f} GiB as RGB)"
-    )
-    assert cached_memory < decode / 3 and cached_disk < decode / 3
-
-
 @pytest.mark.parametrize("cls", ["RadiographyDataModule", "LungSegmentationDataModule"])
 def test_datamodule_cache_gives_the_same_batches(demo_root: Path, tmp_path: Path, monkeypatch, cls):
     import covid_lightning

@@ -8,19 +8,9 @@ from covid_lightning import CLASSES, RadiographyDataModule, XRayClassifier
 from covid_lightning.callbacks import StagedUnfreeze
 from covid_lightning.inference import classify, load_checkpoint
 from covid_lightning.modules.classifier import DEFAULT_CLASS_NAMES
+from tests.helpers.trainers import quiet_trainer
 
-
-def _trainer(tmp_path: Path, **kw) -> L.Trainer:
-    opts = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    opts.update(kw)
-    return L.Trainer(**opts)
+_trainer = quiet_trainer
 
 
 def _dm(root: Path, **kw) -> RadiographyDataModule:

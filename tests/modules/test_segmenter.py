@@ -1,6 +1,5 @@
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -9,19 +8,9 @@ from PIL import Image
 from covid_lightning import LungSegmentationDataModule, LungSegmenter
 from covid_lightning.callbacks import SegmentationOverlays
 from covid_lightning.inference import load_checkpoint, segment
+from tests.helpers.trainers import quiet_trainer
 
-
-def _trainer(tmp_path: Path, **kw) -> L.Trainer:
-    opts = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    opts.update(kw)
-    return L.Trainer(**opts)
+_trainer = quiet_trainer
 
 
 def _dm(root: Path, **kw) -> LungSegmentationDataModule:
