@@ -131,7 +131,7 @@ def run_one(name: str, config: str, args: Sequence[str]) -> tuple[RunResult, Pat
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     model = cli.model
-    kind = "classification" if hasattr(model, "class_names") else "segmentation"
+    kind = model.task
     log_dir = Path(cli.trainer.log_dir)
     epochs = read_epoch_metrics(log_dir / "metrics.csv") if (log_dir / "metrics.csv").is_file() else {}
     best = best_epoch(epochs, getattr(model, "monitor", "val/loss"), getattr(model, "monitor_mode", "min"))

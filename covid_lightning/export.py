@@ -81,15 +81,10 @@ class _CheckedInput(nn.Module):
 
 
 def model_kind(model: nn.Module) -> str:
-    """``classifier`` or ``segmenter``; TypeError for anything else."""
-    from covid_lightning.modules.classifier import XRayClassifier
-    from covid_lightning.modules.segmenter import LungSegmenter
+    """``classifier`` or ``segmenter`` (the model's own answer); TypeError for anything else."""
+    from covid_lightning.modules.base import as_xray_module
 
-    if isinstance(model, XRayClassifier):
-        return "classifier"
-    if isinstance(model, LungSegmenter):
-        return "segmenter"
-    raise TypeError(f"Can only export an XRayClassifier or a LungSegmenter, not {type(model).__name__}.")
+    return as_xray_module(model, "export").kind
 
 
 def build_contract(model: nn.Module, checkpoint: str | Path | None = None) -> dict[str, Any]:

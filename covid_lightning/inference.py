@@ -71,8 +71,7 @@ def classify(model: torch.nn.Module, image: ImageLike | Sequence[ImageLike]) -> 
     images = [image] if single else list(image)
     model.eval()
     batch = preprocess(images, model.hparams.image_size).to(model.device)
-    probs = model(batch).float().softmax(dim=-1).cpu()
-    out = [dict(zip(model.class_names, p.tolist())) for p in probs]
+    out = model.postprocess(model.probabilities(model(batch)))
     return out[0] if single else out
 
 
@@ -85,11 +84,11 @@ def segment(
     rgb = to_rgb_uint8(image)
     model.eval()
     batch = preprocess([rgb], model.hparams.image_size).to(model.device)
-    probs = model(batch).float().sigmoid()
-    probs = torch.nn.functional.interpolate(probs, size=rgb.shape[:2], mode="bilinear", align_corners=False)
-    probs_np = probs[0, 0].cpu().numpy()
-    mask = probs_np > getattr(model, "threshold", 0.5)
-    return (mask, probs_np) if return_probs else mask
+    probs = model.probabilities(model(batch))[0]
+    if not return_probs:
+        return model.postprocess(probs[None], [rgb.shape[:2]])[0]
+    probs_np = model.resize_probs(probs, rgb.shape[:2])
+    return probs_np > model.threshold, probs_np
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> torch.nn.Module:

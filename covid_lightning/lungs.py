@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from covid_lightning.data.roi import roi_mask_name
@@ -65,10 +64,8 @@ def _write_png(mask: np.ndarray, path: Path) -> None:
 
 
 def _load_segmenter(segmenter_ckpt: str | Path, device: torch.device) -> torch.nn.Module:
-    from covid_lightning.modules.segmenter import LungSegmenter
-
     model = load_checkpoint(segmenter_ckpt, map_location=device)
-    if not isinstance(model, LungSegmenter):
+    if model.task != "segmentation":
         raise TypeError(f"{segmenter_ckpt} is a {type(model).__name__} checkpoint, not a LungSegmenter one.")
     return model.to(device).eval()
 
@@ -125,7 +122,6 @@ def predict_lung_masks(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_segmenter(ckpt, dev)
     (out_dir / CHECKPOINT_NOTE).write_text(f"{ckpt.resolve()}\n")
-    threshold = float(getattr(model, "threshold", 0.5))
     size = int(model.hparams.image_size)
     unreadable: list[Path] = []
     with torch.inference_mode():
@@ -141,11 +137,9 @@ def predict_lung_masks(
                 names.append(name)
             if not images:
                 continue
-            probs = model(preprocess(images, size).to(dev)).float().sigmoid()
-            for name, image, prob in zip(names, images, probs):
-                prob = F.interpolate(prob[None], size=image.shape[:2], mode="bilinear", align_corners=False)
-                mask = (prob[0, 0] > threshold).to(torch.uint8).mul_(255).cpu().numpy()
-                _write_png(mask, out_dir / name)
+            probs = model.probabilities(model(preprocess(images, size).to(dev)))
+            for name, mask in zip(names, model.postprocess(probs, [image.shape[:2] for image in images])):
+                _write_png(mask.astype(np.uint8) * 255, out_dir / name)
     log.info(
         "Lung masks: %d computed, %d reused, %d unreadable image(s) skipped -> %s",
         len(todo) - len(unreadable),

@@ -61,8 +61,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from covid_lightning import __version__  # noqa: E402
 from covid_lightning.inference import load_checkpoint, preprocess  # noqa: E402
-from covid_lightning.modules.classifier import XRayClassifier  # noqa: E402
-from covid_lightning.modules.segmenter import LungSegmenter  # noqa: E402
+from covid_lightning.modules.base import as_xray_module  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -75,37 +74,11 @@ MAX_PIXELS = 64 * 1024 * 1024
 API_PATH = "/predict"
 
 
-def model_kind(model: torch.nn.Module) -> str:
-    """``"classifier"`` or ``"segmenter"``: what the server answers for this model."""
-    if isinstance(model, LungSegmenter):
-        return "segmenter"
-    if isinstance(model, XRayClassifier):
-        return "classifier"
-    raise TypeError(f"Cannot serve a {type(model).__name__}: expected an XRayClassifier or a LungSegmenter.")
-
-
-#: the task a model declares (``XRayModule.task``) for each answer of :func:`model_kind`
-TASKS = {"classifier": "classification", "segmenter": "segmentation"}
-
-
-def model_task(model: torch.nn.Module) -> str:
-    """``"classification"`` or ``"segmentation"``: the model's own ``task`` when it declares one of them, else
-    derived from its class by :func:`model_kind` (which also refuses models that cannot be served)."""
-    kind = model_kind(model)
-    declared = getattr(model, "task", None)
-    return declared if declared in TASKS.values() else TASKS[kind]
-
-
 def model_info(model: torch.nn.Module, ckpt: str | Path) -> dict[str, Any]:
     """What ``GET /info`` reports under ``"model"``: the kind, the class names (classifier) or the mask threshold
     (segmenter), the input image size, the checkpoint's absolute path and the covid-lightning version."""
-    task = model_task(model)
-    info: dict[str, Any] = {"kind": task}
-    if task == "classification":
-        info["class_names"] = [str(name) for name in model.class_names]
-    else:
-        info["threshold"] = float(getattr(model, "threshold", 0.5))
-    info["image_size"] = int(model.hparams.image_size)
+    info = dict(as_xray_module(model, "serve").describe())
+    info["kind"] = info.pop("task")
     info["checkpoint"] = str(Path(ckpt).expanduser().resolve())
     info["version"] = __version__
     return info
@@ -251,8 +224,7 @@ class XRayAPI(ls.LitAPI):
         if self.torch_device.type == "cpu":
             torch.set_num_threads(self.threads or default_cpu_threads(1))
         self.model = load_checkpoint(self.ckpt, map_location=self.torch_device).to(self.torch_device).eval()
-        self.kind = model_kind(self.model)
-        self.threshold = float(getattr(self.model, "threshold", 0.5))
+        self.kind = as_xray_module(self.model, "serve").kind
         log.info("Serving %s (%s, %d px) on %s", self.ckpt, self.kind, self.model.hparams.image_size, device)
 
     def decode_request(self, request: ImageRequest) -> dict[str, Any]:
@@ -269,15 +241,7 @@ class XRayAPI(ls.LitAPI):
         """One forward pass for the batch: class probabilities, or lung masks at each input's own size."""
         if isinstance(x, dict):  # max_batch_size == 1: LitServe calls neither batch nor unbatch
             return self.predict(self.batch([x]))[0]
-        logits = self.model(x.images).float()
-        if self.kind == "classifier":
-            return [dict(zip(self.model.class_names, p.tolist())) for p in logits.softmax(dim=-1).cpu()]
-        probs = logits.sigmoid()
-        masks = []
-        for i, size in enumerate(x.sizes):  # as inference.segment: bilinear to the original size, then threshold
-            p = torch.nn.functional.interpolate(probs[i : i + 1], size=size, mode="bilinear", align_corners=False)
-            masks.append(p[0, 0].cpu().numpy() > self.threshold)
-        return masks
+        return self.model.postprocess(self.model.probabilities(self.model(x.images)), x.sizes)
 
     def unbatch(self, output: list[Any]) -> list[Any]:
         """``predict`` already returns one output per request."""

@@ -37,11 +37,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from covid_lightning.errors import UserError
+from covid_lightning.modules.base import as_xray_module
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,6 @@ def merge_csv_shards(shards: Sequence[str | Path], output: str | Path, key: str 
         for shard in shards:
             Path(shard).unlink(missing_ok=True)
     return out
-
-
-def probs_to_mask(probs: torch.Tensor, size: Sequence[int], threshold: float) -> np.ndarray:
-    """(1, S, S) or (S, S) probabilities -> uint8 (H, W) mask {0, 255}: bilinear resize to ``size``, then
-    threshold (the same rule as :func:`covid_lightning.inference.segment`)."""
-    p = probs.float().reshape(1, 1, *probs.shape[-2:])
-    p = F.interpolate(p, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
-    return np.where(p[0, 0].cpu().numpy() > threshold, 255, 0).astype(np.uint8)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -188,7 +180,7 @@ class PredictionWriter(BasePredictionWriter):
         self._root = Path(root).expanduser().resolve() if root else None
         if self._root is not None and self._root.is_file():  # one image: paths relative to its folder
             self._root = self._root.parent
-        self._classifier = hasattr(pl_module, "class_names")
+        self._classifier = as_xray_module(pl_module, "write predictions of").task == "classification"
         if self.gradcam and not self._classifier:
             raise ValueError("PredictionWriter(gradcam=True) needs a classifier; this model has no class_names.")
         if self._classifier:
@@ -239,9 +231,9 @@ class PredictionWriter(BasePredictionWriter):
     def _write_segmentation(
         self, pl_module: L.LightningModule, paths: list[str], probs: torch.Tensor, sizes: torch.Tensor
     ) -> None:
-        threshold = float(getattr(pl_module, "threshold", 0.5))
-        for path, p, size in zip(paths, probs, torch.as_tensor(sizes).tolist()):
-            mask = probs_to_mask(p, size, threshold)
+        sizes = [tuple(s) for s in torch.as_tensor(sizes).tolist()]
+        for path, mask in zip(paths, pl_module.postprocess(probs, sizes)):
+            mask = mask.astype(np.uint8) * 255
             rel = self.relative_path(path)
             mask_rel = Path(MASKS_DIR) / self.output_relpath(rel)
             out = self.out_dir / mask_rel

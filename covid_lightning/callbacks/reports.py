@@ -370,7 +370,7 @@ class EvaluationReport(L.Callback):
         if trainer.sanity_checking or fn not in self.stages:
             return
         self._fn = fn
-        self._kind = "classification" if hasattr(pl_module, "class_names") else "segmentation"
+        self._kind = pl_module.task
         self._threshold = float(getattr(pl_module, "threshold", 0.5))
         metric = _Collector() if self._kind == "classification" else segmentation_metric_collection(self._threshold)
         self._metric = metric.to(pl_module.device)

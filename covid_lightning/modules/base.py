@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ MODEL_CLASS_KEY = "covid_lightning_model"
 
 #: Hyper-parameters that only matter when a model is first built (weights come from the checkpoint after).
 _BUILD_ONLY = {"pretrained": False, "pretrained_file": None, "encoder_weights": None, "encoder_weights_file": None}
+
+
+def as_xray_module(model: Any, action: str = "use") -> XRayModule:
+    """``model`` itself when it is a covid-lightning model, else a TypeError naming what ``action`` needed."""
+    if not isinstance(model, XRayModule) or model.task not in XRayModule.KINDS:
+        raise TypeError(f"Cannot {action} a {type(model).__name__}: expected an XRayClassifier or a LungSegmenter.")
+    return model
 
 
 def _synchronize(device: torch.device) -> None:
@@ -47,6 +55,8 @@ class XRayModule(L.LightningModule):
 
     #: what the model does: "classification" or "segmentation" (the one answer to "which kind is this?")
     task: str = ""
+    #: the public name of each task (export contract, server answers)
+    KINDS = {"classification": "classifier", "segmentation": "segmenter"}
     #: hyper-parameters that decide the network's shape (named in checkpoint mismatch errors)
     _compat_keys: tuple[str, ...] = ()
     #: metric that ModelCheckpoint/EarlyStopping watch by default
@@ -73,6 +83,24 @@ class XRayModule(L.LightningModule):
         self.auto_memory_format = memory_format == "auto"
         self.memory_format = MEMORY_FORMATS["channels_last" if self.auto_memory_format else memory_format]
         self.compile_model = compile_model
+
+    # what the model is and what users get from it ---------------------------------------------
+    @property
+    def kind(self) -> str:
+        """``classifier`` or ``segmenter``: the model's task as the export contract and the server name it."""
+        return self.KINDS[self.task]
+
+    def describe(self) -> dict[str, Any]:
+        """Kind, input size and what outputs mean (class names or mask threshold): for /info, contracts, reports."""
+        return {"kind": self.kind, "task": self.task, "image_size": int(self.hparams.get("image_size", 0))}
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Network output -> probabilities (softmax over classes, or per-pixel sigmoid)."""
+        raise NotImplementedError
+
+    def postprocess(self, probs: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> list[Any]:
+        """Probabilities of a batch -> what a user gets for each image, at the image's own ``sizes`` (H, W)."""
+        raise NotImplementedError
 
     # speed -----------------------------------------------------------------------------------
     def _finish_net(self) -> None:

@@ -217,8 +217,19 @@ class XRayClassifier(XRayModule):
         self._store_confusion_matrix("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        probs = self(batch["image"]).float().softmax(dim=-1)
-        return {"path": batch["path"], "probs": probs.cpu()}
+        return {"path": batch["path"], "probs": self.probabilities(self(batch["image"])).cpu()}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "class_names": [str(n) for n in self.class_names]}
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(dim=-1)
+
+    def postprocess(
+        self, probs: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[dict[str, float]]:
+        """Class probabilities keyed by class name, one dict per image (sizes do not matter here)."""
+        return [dict(zip(self.class_names, p.tolist())) for p in probs.float().cpu()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

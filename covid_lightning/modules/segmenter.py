@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
@@ -150,8 +152,28 @@ class LungSegmenter(XRayModule):
         return {"loss": loss, "probs": probs.detach(), "target": target}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        probs = self(batch["image"]).float().sigmoid()
-        return {"path": batch["path"], "probs": probs.cpu(), "size": batch.get("size")}
+        probs = self.probabilities(self(batch["image"])).cpu()
+        return {"path": batch["path"], "probs": probs, "size": batch.get("size")}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "threshold": float(self.threshold)}
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().sigmoid()
+
+    @staticmethod
+    def resize_probs(probs: torch.Tensor, size: Sequence[int]) -> np.ndarray:
+        """(1, S, S) or (S, S) probabilities -> float32 (H, W) at ``size``, resized bilinearly."""
+        p = probs.float().reshape(1, 1, *probs.shape[-2:])
+        p = F.interpolate(p, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+        return p[0, 0].cpu().numpy()
+
+    def postprocess(self, probs: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
+        """Boolean lung masks, one per image at its own (H, W): probabilities resized bilinearly, then
+        thresholded at ``threshold`` (the one rule of predict, ``segment()``, the server and lung masking)."""
+        if sizes is None:
+            sizes = [tuple(probs.shape[-2:])] * len(probs)
+        return [self.resize_probs(p, size) > self.threshold for p, size in zip(probs, sizes)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
