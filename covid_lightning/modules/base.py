@@ -135,13 +135,13 @@ class XRayModule(L.LightningModule):
         size = int(self.hparams.get("image_size", 128))
         x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=self.device)
         x = x.contiguous(memory_format=layout)
-        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+        context = self.trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
         net = copy.deepcopy(self.net).to(memory_format=layout)  # same train/eval modes as the run
         times = []
         for step in range(steps + 1):
             _synchronize(self.device)
             started = time.perf_counter()
-            with context:
+            with context():  # a fresh context each step (generator-based ones are single-use)
                 out = net(x)
                 loss = (out if isinstance(out, torch.Tensor) else out[0]).float().mean()
             if loss.requires_grad:

@@ -80,3 +80,15 @@ def test_auto_memory_format_keeps_the_faster_layout(cls: type, kwargs: dict, siz
         assert conv.weight.is_contiguous(memory_format=faster)
     with pytest.raises(ValueError, match="channels_last, contiguous, auto"):
         cls(memory_format="fastest", **kwargs)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_auto_memory_format_in_a_fit(demo_root, tmp_path, precision: str) -> None:
+    """At fit start, under the run's precision (the lab U-Net config's path)."""
+    from covid_lightning import LungSegmentationDataModule
+    from tests.helpers.trainers import quiet_trainer
+
+    model = LungSegmenter(image_size=32, memory_format="auto")
+    dm = LungSegmentationDataModule(root=str(demo_root), image_size=32, batch_size=4, num_workers=0)
+    quiet_trainer(tmp_path, precision=precision, fast_dev_run=1).fit(model, dm)
+    assert model.memory_format in (torch.channels_last, torch.contiguous_format)
