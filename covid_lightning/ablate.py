@@ -53,6 +53,17 @@ class Run:
     log_dir: str
 
 
+def config_task(config: str | Path) -> str:
+    """The task of the model a config builds (asked of the model class, not guessed from the text)."""
+    from covid_lightning.cli import model_class
+
+    class_path = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("class_path")
+    cls = model_class(class_path)
+    if cls is None:
+        raise SystemExit(f"{config}: model.class_path {class_path!r} is not a covid-lightning model.")
+    return cls.task
+
+
 def load_rows(path: str | Path) -> list[Row]:
     """Rows from a YAML list of ``{name: ..., args: [...]}``."""
     rows = [Row(str(r["name"]), [str(a) for a in r.get("args", [])]) for r in yaml.safe_load(Path(path).read_text())]
@@ -170,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args, common = parser.parse_known_args(argv)
     rows = load_rows(args.rows)
-    task = args.task or ("segmentation" if "LungSegmenter" in Path(args.config).read_text() else "classification")
+    task = args.task or config_task(args.config)
     out = Path(args.out)
     title = args.title or f"Ablation of {args.config}"
     if args.summarize:
