@@ -318,6 +318,18 @@ NOISE = ("💡 Tip:", "GPU available: False", "TPU available: False", "HPU avail
 DEBUG_ENV = "COVID_LIGHTNING_DEBUG"
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (in-process runs under capture, then without)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.getMessage()).startswith(NOISE)
@@ -327,7 +339,7 @@ def setup_console() -> None:
     """Our INFO lines (where files went, what was skipped) on stderr; known third-party noise filtered."""
     package = logging.getLogger("covid_lightning")
     if not package.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         package.addHandler(handler)
         package.setLevel(logging.INFO)

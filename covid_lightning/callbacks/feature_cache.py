@@ -58,6 +58,11 @@ class FrozenFeatureCache(L.Callback):
     @torch.no_grad()
     def _features(self, pl_module: L.LightningModule, dataset: Any, workers: int) -> FeatureDataset:
         if isinstance(dataset, IterableDataset):  # a LitData stream: read once, in order, in this process
+            # every item of the split on every rank, as from files: the DataModule's sampler (train) and
+            # Lightning's distributed sampler (val) then shard the features once; iterating the stream would
+            # give this rank only its share, sharded a second time (half the data under 2-process DDP)
+            whole = getattr(dataset, "whole_split", None)
+            dataset = whole() if whole is not None else dataset
             workers = 0
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers)
         net, chunks, labels, paths = pl_module.net, [], [], []

@@ -109,7 +109,23 @@ class XRayDataModule(L.LightningDataModule):
         if lung_margin < 0:
             raise ValueError(f"lung_margin must be >= 0, got {lung_margin}.")
         if self.with_masks and (lung_masks or lung_segmenter):
-            raise ValueError("lung_masks/lung_segmenter apply to classification data, not to lung segmentation.")
+            given = "data.lung_segmenter" if lung_segmenter else "data.lung_masks"
+            raise DatasetError(
+                f"{given} applies to classification data (RadiographyDataModule), not to lung segmentation: "
+                f"the segmenter learns the lungs from whole images and their ground-truth masks. Drop {given}."
+            )
+        if lung_masks or lung_segmenter:  # refused here, at start: not after every lung mask was computed
+            given = "data.lung_segmenter" if lung_segmenter else "data.lung_masks"
+            if streaming:
+                raise DatasetError(
+                    f"{given} cannot be combined with data.streaming: the stream holds whole images, the lung ROI "
+                    f"is applied to files. Train on files (--data.root) with {given}, or drop it."
+                )
+            if cache_images != "none":
+                raise DatasetError(
+                    f"data.cache_images {cache_images} cannot be combined with {given}: the cache holds resized "
+                    "whole images and the lung ROI needs the original image. Add --data.cache_images none."
+                )
         self.save_hyperparameters()
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, Any] = {}
@@ -121,7 +137,7 @@ class XRayDataModule(L.LightningDataModule):
         return make_demo_dataset(default_demo_dir(), n_per_class=self.hparams.demo_size)
 
     def prepare_data(self) -> None:
-        if self.hparams.root is None:
+        if self.hparams.root is None and not self.hparams.streaming:  # a stream replaces the files: no demo needed
             self._demo_root()
 
     def _resolve_root(self) -> Path:
@@ -141,7 +157,12 @@ class XRayDataModule(L.LightningDataModule):
         return LungRoi(hp.lung_masks, hp.get("lung_roi", "crop"), hp.get("lung_margin", 0.1))
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.hparams.predict_root is not None:
+        if stage == "predict":
+            if self.hparams.predict_root is None:
+                raise DatasetError(
+                    "predict needs data.predict_root: one PNG/JPEG image or a folder of them "
+                    "(e.g. --data.predict_root path/to/images)."
+                )
             self._setup_predict()
             return
         if "train" in self.datasets:
@@ -265,7 +286,7 @@ class XRayDataModule(L.LightningDataModule):
 
     def _setup_streaming(self) -> None:
         """Datasets read from a LitData optimized dataset (``covid-lightning optimize``) instead of files."""
-        from covid_lightning.data.streaming import read_meta, streaming_datasets
+        from covid_lightning.data.streaming import copy_manifest, read_meta, streaming_datasets
 
         url, size, aug = self.hparams.streaming, self.hparams.image_size, self.hparams.augment
         transforms = {
@@ -273,9 +294,19 @@ class XRayDataModule(L.LightningDataModule):
             "val": eval_transform(size),
             "test": eval_transform(size),
         }
+        if self.hparams.cache_images != "none":
+            log.info(
+                "data.cache_images %s does not apply to data.streaming (LitData caches the chunks): ignored.",
+                self.hparams.cache_images,
+            )
         self.datasets = streaming_datasets(url, transforms=transforms, masks=self.with_masks, seed=self.run_seed)
         self._streaming_counts = read_meta(url)["class_counts"].get("train", {})
         log.info("%s streams %s: %s", type(self).__name__, url, {k: len(v) for k, v in self.datasets.items()})
+        trainer = self.trainer
+        if trainer is not None:
+            log_dir = trainer.log_dir  # every rank must ask: the loggers may synchronise the version
+            if trainer.is_global_zero and log_dir is not None:  # the stream's split, as split.csv of the run
+                self.manifest_path = copy_manifest(url, Path(log_dir) / MANIFEST_NAME)
 
     def _screen(self, records: list[Record], base: Path, duplicates: str | None = None) -> Screening:
         """Decode every file once (cached per file across runs): bad files, duplicate groups."""
@@ -373,7 +404,13 @@ class XRayDataModule(L.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        if not self.records.get("test"):
+        if self.hparams.streaming:  # the stream's own split: a test split when it was optimized with one
+            if "test" not in self.datasets:
+                raise DatasetError(
+                    f"{self.hparams.streaming} has no test split: optimize it with --test-fraction > 0 "
+                    "(or use validate)."
+                )
+        elif not self.records.get("test"):
             raise DatasetError("No test split: set data.test_fraction > 0 (or use validate).")
         return self._loader("test")
 
@@ -394,7 +431,8 @@ class LungSegmentationDataModule(XRayDataModule):
     """Lung segmentation: images paired with ``<Class>/masks/<same name>``; unpaired images skipped.
 
     Samples add ``"mask"``: float (1, S, S) with values {0, 1}. Defaults follow the lab: 128 px,
-    batch 16, 70/30 split stratified by class.
+    batch 16, 70/30 split stratified by class. ``lung_masks``/``lung_segmenter`` (classification options) are
+    accepted only to be refused at start with one clear error (the segmenter learns the lungs from whole images).
     """
 
     with_masks = True
@@ -416,6 +454,8 @@ class LungSegmentationDataModule(XRayDataModule):
         duplicates: Literal["near", "exact", "none"] = "near",
         streaming: str | None = None,
         cache_images: Literal["none", "memory", "disk"] = "none",
+        lung_masks: str | None = None,
+        lung_segmenter: str | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -433,4 +473,6 @@ class LungSegmentationDataModule(XRayDataModule):
             duplicates=duplicates,
             streaming=streaming,
             cache_images=cache_images,
+            lung_masks=lung_masks,
+            lung_segmenter=lung_segmenter,
         )

@@ -175,6 +175,26 @@ def read_meta(url: str | Path, storage_options: dict[str, Any] | None = None) ->
     return meta
 
 
+def copy_manifest(url: str | Path, dest: str | Path, storage_options: dict[str, Any] | None = None) -> Path:
+    """Copy ``manifest.csv`` of an optimized dataset (the split it holds, in the format of ``data.split_file``)
+    to ``dest``: a run on a stream keeps its ``split.csv`` as a run on files does."""
+    location, dest = join_location(url, MANIFEST_FILE), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if _is_url(url):
+            from litdata.streaming.fs_provider import _get_fs_provider
+
+            _get_fs_provider(location, storage_options or {}).download_file(location, str(dest))
+        else:
+            dest.write_bytes(Path(location).read_bytes())
+    except OSError as err:
+        raise DatasetError(
+            f"No readable {MANIFEST_FILE} at {url}: {err}. "
+            f"Write the dataset with `covid-lightning optimize ROOT {url}`."
+        ) from err
+    return dest
+
+
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
@@ -547,6 +567,28 @@ class StreamingXRayDataset(StreamingDataset):
             return {"image": out["image"], "mask": mask, "label": label, "path": path}
         out = self.xray_transform(image=image)
         return {"image": out["image"], "label": label, "path": path}
+
+    def whole_split(self) -> torch.utils.data.Dataset:
+        """Every item of the split, map-style, in stored order, read in this process: not the share of this rank
+        (and DataLoader worker) that iterating the stream gives. For a pass every rank needs in full, e.g. the
+        frozen-prefix features the DataModule then shards like a folder dataset (``FrozenFeatureCache``)."""
+        total = int(read_meta(self.url, getattr(self, "storage_options", None))["counts"][self.split])
+        return _WholeSplit(self, total)
+
+
+class _WholeSplit(torch.utils.data.Dataset):
+    """A :class:`StreamingXRayDataset` read by global index (LitData maps an int index to its chunk)."""
+
+    def __init__(self, stream: StreamingXRayDataset, total: int) -> None:
+        self.stream, self.total = stream, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.total:
+            raise IndexError(f"index {index} out of range for {self.total} items")
+        return self.stream[int(index)]
 
 
 def streaming_datasets(

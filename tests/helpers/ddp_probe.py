@@ -18,3 +18,24 @@ class RankMetrics(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {"rank": trainer.global_rank, "world": trainer.world_size, "pid": os.getpid(), "metrics": metrics}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RankSamples(L.Callback):
+    """Every rank writes the sample paths it trained and validated on (epoch 0) to its own JSON file."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.seen: dict[str, list[str]] = {"train": [], "val": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0:
+            self.seen["train"] += [str(p) for p in batch["path"]]
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == 0:
+            self.seen["val"] += [str(p) for p in batch["path"]]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"rank": trainer.global_rank, "world": trainer.world_size, "pid": os.getpid(), **self.seen}
+        (self.out_dir / f"samples{trainer.global_rank}.json").write_text(json.dumps(record))
