@@ -19,6 +19,7 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import torch  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
@@ -60,6 +61,9 @@ class CovidLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+        # the classifier's head sizes itself from the data's classes (a manifest's labels, or the Kaggle four)
+        for target, compute in (("class_names", list), ("num_classes", len)):
+            parser.link_arguments("data.class_names", f"model.init_args.{target}", compute, apply_on="instantiate")
         parser.add_argument(
             "--name", type=str | None, default=None, help="Run name: the run lives in <default_root_dir>/<name>/."
         )
@@ -368,6 +372,13 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def release_process_group() -> None:
+    """Destroy a multi-process run's process group before the interpreter exits: left to interpreter
+    teardown, gloo's threads can abort the process (``terminate called without an active exception``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console scripts: a user error is one paragraph and exit code 2, no traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -384,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None:
             sys.argv[1:] = args  # LightningCLI reads sys.argv itself (without --debug)
         build_cli(args if argv is not None else None)
+        release_process_group()
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs right here
         mistake = user_error(err)
         if debug or mistake is None:
