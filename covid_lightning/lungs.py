@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from covid_lightning.data.roi import roi_mask_name
-from covid_lightning.data.scan import DatasetError, list_predict_images, scan_dataset
+from covid_lightning.data.scan import DatasetError, list_predict_images
 from covid_lightning.data.transforms import ImageReadError, load_image
 from covid_lightning.inference import load_checkpoint, preprocess
 
@@ -169,7 +169,7 @@ def attach_lung_masks(
     if stage == "predict" and predict_root is not None:
         paths += list_predict_images(predict_root)
     else:
-        paths += [r.path for r in scan_dataset(datamodule._resolve_root(), check_files=False)]
+        paths += [r.path for r in datamodule._source().records]  # the dataset root, or the manifest's files
         if stage is None and predict_root is not None:
             paths += list_predict_images(predict_root)
     folder = predict_lung_masks(segmenter_ckpt, paths, cache_root=cache_root, batch_size=batch_size)

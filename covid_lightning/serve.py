@@ -5,9 +5,11 @@
     covid-lightning serve --ckpt runs/head_only/version_0/checkpoints/last.ckpt --port 8000
     curl --data-binary @COVID-1.png -H "Content-Type: image/png" http://127.0.0.1:8000/predict
 
-``POST /predict`` takes one image, as raw PNG/JPEG bytes (``Content-Type: image/png``, ``image/jpeg`` or
-``application/octet-stream``) or as JSON ``{"image": "<base64 PNG/JPEG>"}`` (``application/json``; a
-``data:image/png;base64,`` prefix is accepted). It answers, for a classifier::
+``POST /predict`` takes one image, as raw PNG/JPEG/DICOM bytes (``Content-Type: image/png``, ``image/jpeg``,
+``application/dicom`` or ``application/octet-stream``) or as JSON ``{"image": "<base64 PNG/JPEG/DICOM>"}``
+(``application/json``; a ``data:image/png;base64,`` prefix is accepted). DICOM is recognised by its contents and
+decoded by the one decoding function training uses (``transforms.decode_rgb``: modality and VOI LUTs,
+MONOCHROME1 inverted, 8-bit scaling). It answers, for a classifier::
 
     {"kind": "classifier", "probs": {"COVID": 0.91, ...}, "predicted": "COVID"}
 
@@ -17,7 +19,7 @@ and for a segmenter (the mask at the image's own size, 0 = background, 255 = lun
 
 Bad requests get a 4xx with a JSON ``{"detail": "..."}``: 400 (empty body, not a decodable image, bad
 or too deeply nested JSON, no ``image`` key, bad base64), 413 (over ``--max-bytes``, or over 64 Mpixels: a small PNG can
-hold a huge image), 415 (another content type, or an image format other than PNG/JPEG).
+hold a huge image), 415 (another content type, or an image format other than PNG/JPEG/DICOM).
 ``GET /health`` answers ``ok`` once the model is loaded; ``GET /info`` describes the model under ``"model"``
 (:func:`model_info`: kind, class names or threshold, image size, checkpoint, package version).
 
@@ -60,6 +62,8 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from covid_lightning import __version__  # noqa: E402
+from covid_lightning.data.dicom import DicomError, dicom_size, has_dicom_magic  # noqa: E402
+from covid_lightning.data.transforms import decode_rgb  # noqa: E402
 from covid_lightning.inference import load_checkpoint, preprocess  # noqa: E402
 from covid_lightning.modules.base import as_xray_module  # noqa: E402
 
@@ -67,7 +71,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 #: raw image bodies; anything else but JSON is refused with 415
-RAW_CONTENT_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "application/octet-stream"})
+RAW_CONTENT_TYPES = frozenset(
+    {"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "application/dicom", "application/octet-stream"}
+)
 IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
 #: more pixels are refused (413) before decoding: a small PNG can hold a huge image (below Pillow's 89 MP warning)
 MAX_PIXELS = 64 * 1024 * 1024
@@ -139,13 +145,32 @@ def image_bytes_from_json(body: bytes) -> bytes:
         raise _http_error(400, f'"image" is not valid base64: {err}.') from None
 
 
+def decode_dicom(data: bytes, image_size: int) -> dict[str, Any]:
+    """DICOM bytes -> what :func:`decode_image` returns, through ``transforms.decode_rgb`` (the training decode):
+    the size is checked from the header before the pixel data is decoded."""
+    try:
+        width, height = dicom_size(data)
+    except DicomError as err:
+        status = 415 if "pydicom" in str(err) else 400
+        raise _http_error(status, f"Cannot read the DICOM: {err}") from None
+    if width * height > MAX_PIXELS:
+        raise _http_error(413, f"Image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} pixels.")
+    try:
+        rgb = decode_rgb(data)
+    except Exception as err:  # corrupt pixel data, a missing pixel-data handler: never take the server down
+        raise _http_error(400, f"Cannot decode the DICOM: {err}") from None
+    return {"image": preprocess([rgb], image_size)[0].numpy(), "height": rgb.shape[0], "width": rgb.shape[1]}
+
+
 def decode_image(data: bytes, image_size: int) -> dict[str, Any]:
-    """PNG/JPEG bytes -> ``{"image": uint8 (3, S, S) array, "height", "width"}``, preprocessed exactly as
+    """PNG/JPEG/DICOM bytes -> ``{"image": uint8 (3, S, S) array, "height", "width"}``, preprocessed exactly as
     :func:`covid_lightning.inference.classify`/``segment`` do; HTTP 400/413/415 when that is impossible."""
+    if has_dicom_magic(data):
+        return decode_dicom(data, image_size)
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             if image.format not in IMAGE_FORMATS:
-                raise _http_error(415, f"Unsupported image format {image.format}; send PNG or JPEG.")
+                raise _http_error(415, f"Unsupported image format {image.format}; send PNG, JPEG or DICOM.")
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise _http_error(413, f"Image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} pixels.")
@@ -156,7 +181,7 @@ def decode_image(data: bytes, image_size: int) -> dict[str, Any]:
     except Image.DecompressionBombError as err:
         raise _http_error(413, f"Image too large: {err}") from None
     except UnidentifiedImageError:
-        raise _http_error(400, "The body is not a PNG or JPEG image.") from None
+        raise _http_error(400, "The body is not a PNG, JPEG or DICOM image.") from None
     except Exception as err:  # truncated or corrupt data, odd modes: never take the server down
         raise _http_error(400, f"Cannot decode the image: {err}") from None
     return {"image": batch[0].numpy(), "height": height, "width": width}
@@ -173,8 +198,8 @@ async def read_image_request(request: Request) -> dict[str, Any]:
     if not is_json and media_type not in RAW_CONTENT_TYPES:
         raise _http_error(
             415,
-            f"Unsupported Content-Type {media_type or '(none)'!r}: send raw image bytes as image/png, image/jpeg "
-            'or application/octet-stream, or JSON {"image": "<base64>"} as application/json.',
+            f"Unsupported Content-Type {media_type or '(none)'!r}: send raw image bytes as image/png, image/jpeg, "
+            'application/dicom or application/octet-stream, or JSON {"image": "<base64>"} as application/json.',
         )
     body = await _read_body(request, _json_body_limit(config.max_bytes) if is_json else config.max_bytes)
     if not body:

@@ -13,18 +13,20 @@ from torch.utils.data import DataLoader, Sampler
 
 from covid_lightning.data.datasets import EpochSampler, FeatureDataset, ImageFolderDataset, XRayDataset
 from covid_lightning.data.demo import default_demo_dir, make_demo_dataset
-from covid_lightning.data.hygiene import Screening, inspection_cache_file, screen_records
+from covid_lightning.data.hygiene import inspection_cache_file, screen_records
 from covid_lightning.data.roi import ROI_MODES, LungRoi
 from covid_lightning.data.scan import (
     CLASSES,
     DatasetError,
     Record,
+    Source,
     class_counts,
     find_dataset_root,
     list_predict_images,
-    scan_dataset,
+    manifest_class_names,
+    read_records,
 )
-from covid_lightning.data.split import SPLITS, read_manifest, stratified_split, write_manifest
+from covid_lightning.data.split import SPLITS, read_manifest, split_records, write_manifest
 from covid_lightning.data.transforms import AUGMENTS, build_transform, eval_transform
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,12 @@ class XRayDataModule(L.LightningDataModule):
     """Shared base: finds the data, splits it (seeded, stratified), builds loaders of sample dicts.
 
     Nothing touches the disk in ``__init__``; ``prepare_data`` writes the demo data when ``root`` is
-    None, ``setup`` scans, splits and writes the split manifest next to the run's logs.
+    None, ``setup`` reads the records (:func:`~covid_lightning.data.scan.read_records`), screens and splits
+    them and writes the split manifest next to the run's logs.
 
     Args:
         root: the Kaggle dataset folder (or a folder containing ``COVID-19_Radiography_Dataset``);
-            None = the synthetic demo dataset, generated on first use.
+            None = the synthetic demo dataset, generated on first use. Unused with ``manifest``.
         image_size: square size images (and masks) are resized to.
         batch_size: samples per batch (per device).
         num_workers: DataLoader workers; None sizes them from the CPU count.
@@ -58,8 +61,8 @@ class XRayDataModule(L.LightningDataModule):
         seed: seed of the split.
         split_file: a manifest CSV written by an earlier run: reuse that exact split.
         augment: train-time augmentation, ``none``, ``light`` or ``strong`` (X-ray-safe).
-        predict_root: for ``predict``: one PNG/JPEG file, or a folder of them (any layout, recursive); the lung
-            masks of a dataset (``masks`` folders next to an ``images`` folder) are skipped, counted and logged.
+        predict_root: for ``predict``: one PNG/JPEG/DICOM file, or a folder of them (any layout, recursive); the
+            lung masks of a dataset (``masks`` folders next to an ``images`` folder) are skipped, counted and logged.
         demo_size: images per class of the demo dataset (used when ``root`` is None).
         on_bad_file: every file is decoded once in ``setup`` (results cached per file); ``error`` stops
             before training, listing each unreadable file and why; ``skip`` drops, counts and logs them.
@@ -75,6 +78,10 @@ class XRayDataModule(L.LightningDataModule):
             epochs from the cache (invalidated when a file changes); ``none`` decodes every time.
         streaming: a LitData optimized dataset (folder or object-store URL written by
             ``covid-lightning optimize``) to stream train/val/test from instead of ``root``.
+        manifest: your own data: a CSV (or ``.parquet``) with the columns ``path``, ``label``
+            (classification) and/or ``mask_path`` (segmentation), optional ``split`` (train/val/test, used as
+            is) and ``group`` (a patient: kept in one split). Relative paths resolve against its folder; the
+            class names are its labels, sorted. Replaces ``root``.
     """
 
     with_masks = False
@@ -100,8 +107,15 @@ class XRayDataModule(L.LightningDataModule):
         lung_margin: float = 0.1,
         streaming: str | None = None,
         cache_images: Literal["none", "memory", "disk"] = "none",
+        manifest: str | None = None,
     ) -> None:
         super().__init__()
+        if manifest and streaming:
+            raise DatasetError(
+                f"data.manifest {manifest} and data.streaming {streaming} are two data sources: a stream holds the "
+                "records it was written from. Write the manifest's data as a stream (covid-lightning optimize "
+                f"{manifest} OUT) and pass --data.streaming OUT alone, or drop data.streaming to read the files."
+            )
         if augment not in AUGMENTS:
             raise ValueError(f"Unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}.")
         if lung_roi not in ROI_MODES:
@@ -131,18 +145,48 @@ class XRayDataModule(L.LightningDataModule):
         self.datasets: dict[str, Any] = {}
         self.manifest_path: Path | None = None
         self.dataset_root: Path | None = None
+        self._class_names: tuple[str, ...] | None = None
+        self._given_split = False
 
     # preparation -----------------------------------------------------------------------------
     def _demo_root(self) -> Path:
         return make_demo_dataset(default_demo_dir(), n_per_class=self.hparams.demo_size)
 
     def prepare_data(self) -> None:
-        if self.hparams.root is None and not self.hparams.streaming:  # a stream replaces the files: no demo needed
+        hp = self.hparams
+        if hp.root is None and not hp.streaming and not hp.get("manifest"):  # another source: no demo needed
             self._demo_root()
 
     def _resolve_root(self) -> Path:
         root = self.hparams.root
         return find_dataset_root(self._demo_root() if root is None else root)
+
+    def _base(self) -> Path:
+        """Where relative paths start: the manifest's folder, or the dataset root."""
+        manifest = self.hparams.get("manifest")
+        return Path(os.path.abspath(Path(manifest).expanduser().parent)) if manifest else self._resolve_root()
+
+    def _source(self) -> Source:
+        """The records of the data source (the manifest, or the Kaggle layout under ``root`` or the demo)."""
+        manifest = self.hparams.get("manifest")
+        if manifest:
+            return read_records(manifest=manifest, with_masks=self.with_masks)
+        return read_records(self._resolve_root(), with_masks=self.with_masks)
+
+    def data_classes(self) -> tuple[str, ...]:
+        """The class names, in label order, of the data: the manifest's labels sorted, the stream's, or the four
+        :data:`CLASSES` of the Kaggle layout (read once: a manifest's rows, not its images)."""
+        if self._class_names is None:
+            hp = self.hparams
+            if hp.streaming:
+                from covid_lightning.data.streaming import read_meta
+
+                self._class_names = tuple(read_meta(hp.streaming).get("classes", CLASSES))
+            elif hp.get("manifest"):
+                self._class_names = manifest_class_names(hp.manifest)
+            else:
+                self._class_names = CLASSES
+        return self._class_names
 
     def _roi(self) -> LungRoi | None:
         """The lung ROI loader when ``lung_masks`` is set (directly or by the CLI from ``lung_segmenter``)."""
@@ -160,7 +204,7 @@ class XRayDataModule(L.LightningDataModule):
         if stage == "predict":
             if self.hparams.predict_root is None:
                 raise DatasetError(
-                    "predict needs data.predict_root: one PNG/JPEG image or a folder of them "
+                    "predict needs data.predict_root: one PNG/JPEG/DICOM image or a folder of them "
                     "(e.g. --data.predict_root path/to/images)."
                 )
             self._setup_predict()
@@ -170,28 +214,31 @@ class XRayDataModule(L.LightningDataModule):
         if self.hparams.streaming:
             self._setup_streaming()
             return
-        base = self._resolve_root()
+        hp = self.hparams
+        if hp.root is not None and hp.get("manifest"):
+            log.info("data.manifest %s is the data source: data.root %s is not used.", hp.manifest, hp.root)
+        base = self._base()
         self.dataset_root = base
-        if self.hparams.split_file:
-            records, splits = read_manifest(self.hparams.split_file, base)
+        if hp.split_file:
+            records, splits = read_manifest(hp.split_file, base, self.data_classes())
             if self.with_masks and any(r.mask_path is None for r in records):
-                raise DatasetError(
-                    f"{self.hparams.split_file} has rows without a mask_path; it is not a segmentation split."
-                )
-            screened = self._screen(records, base, duplicates="none")
-            kept = {r.path for r in screened.records}
-            splits = [s for r, s in zip(records, splits) if r.path in kept]
-            records, groups = screened.records, screened.groups
+                raise DatasetError(f"{hp.split_file} has rows without a mask_path; it is not a segmentation split.")
         else:
-            screened = self._screen(scan_dataset(base, with_masks=self.with_masks, check_files=False), base)
-            records, groups = screened.records, screened.groups
-            splits = stratified_split(
-                [r.label for r in records],
-                val_fraction=self.hparams.val_fraction,
-                test_fraction=self.hparams.test_fraction,
-                seed=self.hparams.seed,
-                groups=groups,
-            )
+            source = self._source()
+            records, splits = source.records, source.splits
+            self._class_names = source.class_names
+        self._given_split = splits is not None and not hp.split_file
+        screened, splits, groups = split_records(
+            records,
+            splits=splits,
+            val_fraction=hp.val_fraction,
+            test_fraction=hp.test_fraction,
+            seed=hp.seed,
+            on_bad_file=hp.on_bad_file,
+            duplicates=hp.duplicates,
+            cache_file=inspection_cache_file(base),
+        )
+        records = screened.records
         self.screening = screened
         self.records = {s: [r for r, sp in zip(records, splits) if sp == s] for s in SPLITS}
         self._check_classes(base, records)
@@ -225,13 +272,15 @@ class XRayDataModule(L.LightningDataModule):
     def _check_classes(self, base: Path, records: list[Record]) -> None:
         """Warn about each class without images; for a classifier, refuse a class that has images but none in
         the train split (it could never be learned, and its loss weight would silently be 0)."""
-        split_file = self.hparams.split_file
-        total = class_counts(records)
+        split_file, manifest = self.hparams.split_file, self.hparams.get("manifest")
+        total = class_counts(records, self.data_classes())
         pairs = "image+mask pairs" if self.with_masks else "images"
         for name in (c for c, n in total.items() if n == 0):
             folder = base / name
             if split_file:
                 where = f"data.split_file {split_file} lists none"
+            elif manifest:
+                where = f"nothing usable listed in data.manifest {manifest}"
             elif folder.is_dir():
                 where = f"nothing usable under {folder}"
             else:
@@ -245,7 +294,7 @@ class XRayDataModule(L.LightningDataModule):
             )
         if self.with_masks:
             return  # the segmenter learns lungs, not classes: the class only stratifies the split
-        train = class_counts(self.records["train"])
+        train = class_counts(self.records["train"], self.data_classes())
         starved = [c for c, n in total.items() if n > 0 and train[c] == 0]
         if not starved:
             return
@@ -255,12 +304,17 @@ class XRayDataModule(L.LightningDataModule):
                 f"data.split_file {split_file} puts none of them in train: edit it so that train holds some, or "
                 "drop data.split_file for a fresh split"
             )
+        elif self._given_split:
+            fix = (
+                f"the split column of data.manifest {manifest} puts none of them in train: edit it so that train "
+                "holds some, or drop the column for a seeded stratified split"
+            )
         else:
             hp = self.hparams
             fix = (
                 f"the split (val_fraction={hp.val_fraction}, test_fraction={hp.test_fraction}) sends them all to "
                 "val/test: add images of the class, lower data.val_fraction/data.test_fraction, or remove the class "
-                "folder to train without it"
+                "folder (or its manifest rows) to train without it"
             )
         what = "Class" if len(starved) == 1 else "Classes"
         raise DatasetError(f"{what} {details}: no training image under {base}; {fix}.")
@@ -308,15 +362,6 @@ class XRayDataModule(L.LightningDataModule):
             if trainer.is_global_zero and log_dir is not None:  # the stream's split, as split.csv of the run
                 self.manifest_path = copy_manifest(url, Path(log_dir) / MANIFEST_NAME)
 
-    def _screen(self, records: list[Record], base: Path, duplicates: str | None = None) -> Screening:
-        """Decode every file once (cached per file across runs): bad files, duplicate groups."""
-        return screen_records(
-            records,
-            on_bad_file=self.hparams.on_bad_file,
-            duplicates=duplicates or self.hparams.duplicates,
-            cache_file=inspection_cache_file(base),
-        )
-
     def _write_manifest(self, records: list[Record], splits: list[str], base: Path, groups: list[int]) -> None:
         trainer = self.trainer
         if trainer is None:
@@ -341,8 +386,8 @@ class XRayDataModule(L.LightningDataModule):
     def class_counts(self) -> dict[str, int]:
         """Images per class in the train split (after ``setup``)."""
         if self.hparams.streaming:
-            return {name: int(self._streaming_counts.get(name, 0)) for name in CLASSES}
-        return class_counts(self.records["train"])
+            return {name: int(self._streaming_counts.get(name, 0)) for name in self.data_classes()}
+        return class_counts(self.records["train"], self.data_classes())
 
     @property
     def class_weights(self) -> list[float]:
@@ -419,16 +464,23 @@ class XRayDataModule(L.LightningDataModule):
 
 
 class RadiographyDataModule(XRayDataModule):
-    """4-class classification over the COVID-19 Radiography Database (or the demo data).
+    """Classification over the COVID-19 Radiography Database (4 classes, order :data:`CLASSES`), the demo data,
+    or a manifest (its own labels, sorted).
 
-    Samples: ``{"image": uint8 (3, S, S), "label": int, "path": str}``. Class order: :data:`CLASSES`.
+    Samples: ``{"image": uint8 (3, S, S), "label": int, "path": str}``. Class order: :attr:`class_names`.
     """
 
-    class_names = CLASSES
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The data's classes (:meth:`data_classes`). The CLI links them to the classifier (``num_classes``,
+        ``class_names``) when it builds the model, before ``setup``. Only classification data has this attribute:
+        the link then skips a segmenter (the lung masks' data is split by class, but the model has none)."""
+        return self.data_classes()
 
 
 class LungSegmentationDataModule(XRayDataModule):
-    """Lung segmentation: images paired with ``<Class>/masks/<same name>``; unpaired images skipped.
+    """Lung segmentation: images paired with ``<Class>/masks/<same name>`` (or a manifest's ``mask_path``);
+    unpaired images skipped.
 
     Samples add ``"mask"``: float (1, S, S) with values {0, 1}. Defaults follow the lab: 128 px,
     batch 16, 70/30 split stratified by class. ``lung_masks``/``lung_segmenter`` (classification options) are
@@ -456,6 +508,7 @@ class LungSegmentationDataModule(XRayDataModule):
         cache_images: Literal["none", "memory", "disk"] = "none",
         lung_masks: str | None = None,
         lung_segmenter: str | None = None,
+        manifest: str | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -475,4 +528,5 @@ class LungSegmentationDataModule(XRayDataModule):
             cache_images=cache_images,
             lung_masks=lung_masks,
             lung_segmenter=lung_segmenter,
+            manifest=manifest,
         )

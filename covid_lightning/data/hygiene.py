@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from covid_lightning.data.dicom import DICOM_SUFFIXES, MONOCHROME, is_dicom, read_dicom
 from covid_lightning.data.scan import (
     CLASSES,
     DatasetError,
@@ -39,6 +40,9 @@ from covid_lightning.data.scan import (
     broken_link_problem,
     find_dataset_root,
     is_image_entry,
+    is_manifest_file,
+    relative_path,
+    scan_manifest,
 )
 from covid_lightning.data.transforms import to_rgb_array
 
@@ -157,6 +161,37 @@ def _problem(err: BaseException, fmt: str | None) -> str:
     return f"corrupt {kind}: {msg}"
 
 
+def decode_gray(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode a file fully -> (HxW uint8 gray, its width, height, mode and format). PIL for images, the DICOM
+    display pipeline (:func:`covid_lightning.data.dicom.read_dicom`, as training sees it) for DICOM files."""
+    if path.suffix.lower() not in DICOM_SUFFIXES:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return gray_array(im), {"width": im.width, "height": im.height, "mode": im.mode, "format": im.format}
+        except UnidentifiedImageError:
+            if not is_dicom(path):  # a DICOM without .dcm in its name is recognised by its contents
+                raise
+    image = read_dicom(path)
+    rgb = image.rgb
+    if image.photometric in MONOCHROME:
+        gray = np.ascontiguousarray(rgb[..., 0])
+    else:
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return gray, {"width": rgb.shape[1], "height": rgb.shape[0], "mode": image.mode, "format": "DICOM"}
+
+
+def _format_of(path: Path) -> str | None:
+    """The file's format as far as its header tells (for messages about a file that failed to decode)."""
+    if is_dicom(path):
+        return "DICOM"
+    try:
+        with Image.open(path) as im:
+            return im.format
+    except Exception:  # noqa: BLE001 - no readable header: no format to name
+        return None
+
+
 def inspect_image(path: str | Path, *, mask: bool = False, keep_gray: bool = False) -> FileInfo:
     """Decode ``path`` fully (truncated files are caught) and describe it; never raises for a bad file.
 
@@ -171,17 +206,12 @@ def inspect_image(path: str | Path, *, mask: bool = False, keep_gray: bool = Fal
             return FileInfo(path, ok=False, problem="zero-byte file")
     except OSError as err:
         return FileInfo(path, ok=False, problem=broken_link_problem(path) or f"cannot open: {err.strerror or err}")
-    fmt = None
     try:
-        with Image.open(path) as im:
-            fmt = im.format
-            im.load()
-            gray = gray_array(im)
-            info = {"width": im.width, "height": im.height, "mode": im.mode, "format": fmt}
+        gray, info = decode_gray(path)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure is a property of the file
-        return FileInfo(path, ok=False, problem=_problem(err, fmt))
+        return FileInfo(path, ok=False, problem=_problem(err, _format_of(path)))
     if mask:
         info["mask_values"] = _mask_values(gray)
     else:
@@ -433,8 +463,8 @@ def thumbnail_confirmer(
     def thumb(i: int) -> np.ndarray | None:
         if i not in thumbs:
             try:
-                with Image.open(infos[i].path) as im:
-                    small = cv2.resize(gray_array(im), (64, 64), interpolation=cv2.INTER_AREA).astype(np.float64)
+                gray, _ = decode_gray(Path(infos[i].path))
+                small = cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float64)
                 small -= small.mean()
                 norm = np.linalg.norm(small)
                 thumbs[i] = small / norm if norm > 0 else None
@@ -533,7 +563,7 @@ def screen_records(
         listing = "\n".join(f"  {path}: {problem}" for path, problem in bad)
         raise DatasetError(
             f"{len(bad)} unreadable file(s):\n{listing}\nRemove or replace them, or set data.on_bad_file: skip "
-            "to train without them (`covid-lightning check-data ROOT` lists every problem)."
+            "to train without them (`covid-lightning check-data ROOT`, or `--manifest FILE`, lists every problem)."
         )
     if bad:
         log.warning(
@@ -583,21 +613,24 @@ def _examples(items: Sequence[Any], n: int) -> dict[str, Any]:
     return {"count": len(items), "examples": list(items[:n])}
 
 
-def check_dataset(
-    root: str | Path,
-    *,
-    max_distance: int = DEFAULT_MAX_DISTANCE,
-    workers: int | None = None,
-    cache_file: str | Path | None = None,
-    examples: int = 10,
-) -> dict[str, Any]:
-    """Decode every image and mask of the dataset and report what stands in the way of training.
+@dataclass
+class _Layout:
+    """What a data source lists, before any file is decoded: the input of :func:`check_dataset`."""
 
-    Raises :class:`DatasetError` when ``root`` does not exist or holds no class folder. The report (a
-    JSON-serialisable dict, paths relative to ``root``) has ``trainable`` and the ``blocking`` reasons:
-    no image at all, or any unreadable image or mask (training stops on bad files). Everything else
-    (duplicates, unpaired files, odd masks, missing classes) is a ``warning``.
-    """
+    base: Path
+    class_names: tuple[str, ...]
+    images: list[tuple[Path, int]]
+    masks: list[tuple[Path, int]]
+    per_class: dict[str, dict[str, int]]
+    unpaired: list[str]
+    orphans: list[str]
+    extra: list[str]
+    missing: list[str]
+    source: dict[str, Any]
+
+
+def _kaggle_layout(root: str | Path) -> _Layout:
+    """The Kaggle layout under ``root``: ``<Class>/images`` and ``<Class>/masks`` of the four classes."""
     base = find_dataset_root(root)
     rel = lambda p: p.relative_to(base).as_posix()  # noqa: E731
 
@@ -630,6 +663,76 @@ def check_dataset(
         orphans += class_orphans
         images += [(p, label) for p in class_images]
         masks += [(p, label) for p in class_masks]
+    missing = [c for c in CLASSES if c not in per_class]
+    return _Layout(base, CLASSES, images, masks, per_class, unpaired, orphans, extra, missing, {"kind": "kaggle"})
+
+
+def _manifest_layout(manifest: str | Path) -> _Layout:
+    """The rows of a manifest (:func:`~covid_lightning.data.scan.scan_manifest` as it is: a row's ``mask_path``
+    pairs its image with that mask)."""
+    path = Path(manifest).expanduser()
+    columns_source = scan_manifest(path, with_masks=None)
+    base, names = columns_source.base, columns_source.class_names
+    per_class = {
+        name: {"images": 0, "masks": 0, "pairs": 0, "unpaired_images": 0, "orphan_masks": 0} for name in names
+    }
+    images: list[tuple[Path, int]] = []
+    masks: list[tuple[Path, int]] = []
+    unpaired: list[str] = []
+    for r in columns_source.records:
+        row = per_class[r.class_name]
+        row["images"] += 1
+        images.append((r.path, r.label))
+        mask = r.mask_path
+        if mask is None:
+            row["unpaired_images"] += 1
+            unpaired.append(relative_path(r.path, base))
+        else:
+            row["masks"] += 1
+            row["pairs"] += 1
+            masks.append((mask, r.label))
+    splits = columns_source.splits
+    groups = {r.group for r in columns_source.records if r.group is not None}
+    source = {
+        "kind": "manifest",
+        "manifest": str(path),
+        "splits": dict(Counter(splits)) if splits is not None else None,
+        "patient_groups": len(groups) if groups else None,
+    }
+    return _Layout(base, names, images, masks, per_class, unpaired, [], [], [], source)
+
+
+def check_dataset(
+    root: str | Path | None = None,
+    *,
+    manifest: str | Path | None = None,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    workers: int | None = None,
+    cache_file: str | Path | None = None,
+    examples: int = 10,
+) -> dict[str, Any]:
+    """Decode every image and mask of the dataset and report what stands in the way of training.
+
+    The data is the Kaggle layout under ``root``, or a manifest (``manifest``, or ``root`` naming a ``.csv`` /
+    ``.parquet`` file). Raises :class:`DatasetError` when ``root`` does not exist or holds no class folder, or
+    the manifest is malformed. The report (a JSON-serialisable dict, paths relative to the dataset folder or
+    the manifest's folder) has ``trainable`` and the ``blocking`` reasons: no image at all, or any unreadable
+    image or mask (training stops on bad files). Everything else (duplicates, unpaired files, odd masks,
+    missing classes) is a ``warning``.
+    """
+    if manifest is None and root is not None and is_manifest_file(root):
+        manifest = root
+    if manifest is not None:
+        layout = _manifest_layout(manifest)
+    elif root is not None:
+        layout = _kaggle_layout(root)
+    else:
+        raise DatasetError("check-data needs a dataset folder (ROOT) or a manifest (--manifest FILE).")
+    base, class_names = layout.base, layout.class_names
+    images, masks, per_class = layout.images, layout.masks, layout.per_class
+    unpaired, orphans, extra, missing = layout.unpaired, layout.orphans, layout.extra, layout.missing
+    rel = lambda p: relative_path(p, base)  # noqa: E731
+    expected_mask_size = MASK_SIZE if layout.source["kind"] == "kaggle" else None
 
     infos = _inspect_many(
         [(p, False) for p, _ in images] + [(p, True) for p, _ in masks], workers=workers, cache_file=cache_file
@@ -656,7 +759,11 @@ def check_dataset(
     good_masks = [i for i in mask_infos if i.ok]
     non_binary = [f"{rel(i.path)} ({i.mask_values})" for i in good_masks if not i.mask_binary]
     zero_one = [rel(i.path) for i in good_masks if i.mask_values in ("0,1", "1")]
-    wrong_size = [f"{rel(i.path)} ({i.size})" for i in good_masks if (i.width, i.height) != MASK_SIZE]
+    wrong_size = [
+        f"{rel(i.path)} ({i.size})"
+        for i in good_masks
+        if expected_mask_size is not None and (i.width, i.height) != expected_mask_size
+    ]
 
     groups = duplicate_groups(image_infos, max_distance=max_distance, confirm=thumbnail_confirmer(image_infos))
     multi = sorted(
@@ -668,7 +775,7 @@ def check_dataset(
         hashes = [image_infos[i].phash for i in m]
         dup_examples.append(
             {
-                "classes": sorted({CLASSES[labels[i]] for i in m}, key=CLASSES.index),
+                "classes": [class_names[k] for k in sorted({labels[i] for i in m})],
                 "exact": len({image_infos[i].content_hash for i in m}) == 1,
                 "max_phash_distance": max(hamming(a, b) for a in hashes for b in hashes),
                 "paths": [rel(image_infos[i].path) for i in m],
@@ -686,7 +793,6 @@ def check_dataset(
         blocking.append(f"{bad_images} unreadable image file(s): training stops on bad files; remove or replace them")
     if bad_masks:
         blocking.append(f"{bad_masks} unreadable mask file(s): segmentation stops on bad files; remove or replace them")
-    missing = [c for c in CLASSES if c not in per_class]
     if missing:
         warnings.append(f"missing class folder(s): {', '.join(missing)}")
     empty = [c for c, v in per_class.items() if v["images"] == 0]
@@ -699,7 +805,7 @@ def check_dataset(
     if zero_one:
         warnings.append(f"{len(zero_one)} mask(s) with values 0/1: load_mask reads them as empty (lung = > 127)")
     if wrong_size:
-        warnings.append(f"{len(wrong_size)} mask(s) not {MASK_SIZE[0]}x{MASK_SIZE[1]}")
+        warnings.append(f"{len(wrong_size)} mask(s) not {MASK_SIZE[0]}x{MASK_SIZE[1]}")  # Kaggle layout only
     if orphans:
         warnings.append(f"{len(orphans)} mask(s) without an image")
     if duplicates["groups"]:
@@ -710,13 +816,15 @@ def check_dataset(
 
     return {
         "root": str(base),
+        "source": layout.source,
+        "class_names": list(class_names),
         "classes": per_class,
         "missing_classes": missing,
         "extra_folders": extra,
         "images": stats(image_infos),
         "masks": {
             **stats(mask_infos),
-            "expected_size": f"{MASK_SIZE[0]}x{MASK_SIZE[1]}",
+            "expected_size": f"{MASK_SIZE[0]}x{MASK_SIZE[1]}" if expected_mask_size else None,
             "non_binary": _examples(non_binary, examples),
             "zero_one": _examples(zero_one, examples),
             "wrong_size": _examples(wrong_size, examples),
@@ -737,12 +845,21 @@ def _counts(d: dict[str, int]) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """A readable text summary of :func:`check_dataset`'s report."""
-    lines = [f"Dataset: {report['root']}", ""]
+    source = report.get("source") or {"kind": "kaggle"}
+    if source["kind"] == "manifest":
+        lines = [f"Manifest: {source['manifest']} (paths relative to {report['root']})"]
+        if source.get("splits"):
+            lines.append(f"Split given by the manifest: {_counts(source['splits'])}")
+        if source.get("patient_groups"):
+            lines.append(f"Patient groups: {source['patient_groups']} (each kept within one split)")
+        lines.append("")
+    else:
+        lines = [f"Dataset: {report['root']}", ""]
     cols = ("images", "masks", "pairs", "unpaired_images", "orphan_masks")
     heads = ("images", "masks", "pairs", "unpaired", "orphan masks")
     lines.append(f"{'class':<16}" + "".join(f"{h:>14}" for h in heads))
     totals = dict.fromkeys(cols, 0)
-    for name in CLASSES:
+    for name in report.get("class_names", CLASSES):
         row = report["classes"].get(name)
         if row is None:
             lines.append(f"{name:<16}{'(missing)':>14}")
@@ -793,16 +910,22 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``covid-lightning check-data ROOT [--json OUT] [--max-distance N] [--workers N] [--cache FILE]``.
+    """``covid-lightning check-data ROOT|--manifest FILE [--json OUT] [--max-distance N] [--workers N] [--cache FILE]``.
 
-    Exit status: 0 trainable, 1 not trainable (bad files, no images), 2 no dataset at ``ROOT``.
+    Exit status: 0 trainable, 1 not trainable (bad files, no images), 2 no dataset at ``ROOT`` (or a malformed
+    manifest).
     """
     parser = argparse.ArgumentParser(
         prog="covid-lightning check-data",
-        description="Decode every image and mask of a COVID-19 Radiography Database folder and report bad, "
-        "unpaired and duplicate files.",
+        description="Decode every image and mask of a COVID-19 Radiography Database folder, or of the files a "
+        "manifest lists, and report bad, unpaired and duplicate files.",
     )
-    parser.add_argument("root", help="the dataset folder or a folder containing COVID-19_Radiography_Dataset/")
+    parser.add_argument(
+        "root",
+        nargs="?",
+        help="the dataset folder, a folder containing COVID-19_Radiography_Dataset/, or a manifest .csv/.parquet",
+    )
+    parser.add_argument("--manifest", type=Path, metavar="FILE", help="a manifest (path, label, mask_path, ...)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full report as JSON here")
     parser.add_argument(
         "--max-distance", type=int, default=DEFAULT_MAX_DISTANCE, help="pHash Hamming distance of near duplicates"
@@ -811,9 +934,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, metavar="FILE", help="JSON cache of per-file results for re-runs")
     parser.add_argument("--examples", type=int, default=10, help="examples listed per finding")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if (args.root is None) == (args.manifest is None):
+        parser.error("give the dataset folder (ROOT) or --manifest FILE, one of them")
     try:
         report = check_dataset(
             args.root,
+            manifest=args.manifest,
             max_distance=args.max_distance,
             workers=args.workers,
             cache_file=args.cache,

@@ -1,11 +1,13 @@
 """LitData streaming: write the dataset once as LitData chunks, stream it back as the same sample dicts.
 
-``covid-lightning optimize ROOT OUT`` (or :func:`optimize_dataset`) scans and screens ``ROOT`` exactly as the
-DataModules do (``scan_dataset`` -> ``screen_records`` -> group-aware ``stratified_split``, or a split
+``covid-lightning optimize ROOT OUT`` (or :func:`optimize_dataset`) reads the records of ``ROOT`` (a Kaggle-layout
+folder, or a manifest CSV/Parquet) and screens and splits them exactly as the DataModules do (``read_records`` ->
+``split_records``: screening, then the manifest's own split or a group-aware ``stratified_split``, or a split
 manifest), then writes one LitData dataset per non-empty split::
 
     OUT/train/{index.json, chunk-*.bin}   OUT/val/...   OUT/test/...   (OUT: a folder or s3://, gs://, ... URL)
-    OUT/manifest.csv                      the split, in the format of data.split_file (paths relative to ROOT)
+    OUT/manifest.csv                      the split, in the format of data.split_file (paths relative to ROOT,
+                                          or to a manifest's folder)
     OUT/meta.json                         format version, classes, counts per split (and per class), options
 
 Each item is a dict of five leaves:
@@ -14,7 +16,8 @@ Each item is a dict of five leaves:
   resized once at optimize time (the first step of the pipelines, the same albumentations ``Resize``) and
   stored as a lossless PNG (mode L when R=G=B);
 * ``mask``: the lung mask file's bytes (or the resized 0/255 PNG), ``b""`` when the dataset stores no masks;
-* ``label``: int, the class index in :data:`~covid_lightning.data.scan.CLASSES`;
+* ``label``: int, the class index in meta.json's ``classes`` (the Kaggle layout's
+  :data:`~covid_lightning.data.scan.CLASSES`, or a manifest's labels, sorted);
 * ``path``: the path relative to the dataset root, UTF-8 **bytes** (a ``str`` leaf would be stored by
   LitData as a file's contents whenever it names an existing file relative to the working directory);
 * ``group``: int, the duplicate group (same group = same or near-same image, always in one split).
@@ -53,7 +56,6 @@ distributed environment when the dataset is built, so build it after the process
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import logging
@@ -63,6 +65,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +81,19 @@ from litdata.streaming.sampler import ChunkedIndex  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from covid_lightning.data.datasets import sample_seed  # noqa: E402
-from covid_lightning.data.hygiene import inspection_cache_file, screen_records  # noqa: E402
-from covid_lightning.data.scan import CLASSES, DatasetError, Record, find_dataset_root, scan_dataset  # noqa: E402
-from covid_lightning.data.split import GROUP_FIELD, SPLITS, read_manifest, stratified_split, write_manifest  # noqa: E402
+from covid_lightning.data.hygiene import inspection_cache_file  # noqa: E402
+from covid_lightning.data.scan import (  # noqa: E402
+    CLASSES,
+    DatasetError,
+    Record,
+    Source,
+    find_dataset_root,
+    is_manifest_file,
+    read_records,
+    relative_path,
+    scan_manifest,
+)
+from covid_lightning.data.split import SPLITS, read_manifest, split_records, write_manifest  # noqa: E402
 from covid_lightning.data.transforms import ImageReadError, decode_binary_mask, decode_rgb  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -240,17 +253,8 @@ class _ItemEncoder:
         return _encode_png(resize(image=load_image(image_path))["image"]), b""
 
 
-def _manifest_groups(split_file: str | Path) -> list[int] | None:
-    """The ``group`` column of a split manifest, in row order (None when the manifest has none)."""
-    with Path(split_file).open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if GROUP_FIELD not in (reader.fieldnames or ()):
-            return None
-        return [int(row[GROUP_FIELD]) for row in reader]
-
-
 def _select(
-    base: Path,
+    root: str | Path,
     *,
     masks: bool | None,
     val_fraction: float,
@@ -259,44 +263,46 @@ def _select(
     split_file: str | Path | None,
     on_bad_file: str,
     duplicates: str,
-) -> tuple[list[Record], list[str], list[int], bool]:
-    """Records, splits, groups and whether masks are stored: the DataModules' scan -> screen -> split."""
-    cache = inspection_cache_file(base)
-    if split_file is not None:
-        records, splits = read_manifest(split_file, base)
-        groups = _manifest_groups(split_file) or list(range(len(records)))
-        have_masks = all(r.mask_path is not None for r in records)
-        if masks and not have_masks:
-            raise DatasetError(f"{split_file} has rows without a mask_path; it is not a segmentation split.")
-        store_masks = have_masks if masks is None else masks
-        if not store_masks:
-            records = [Record(r.path, r.label) for r in records]
-        screened = screen_records(records, on_bad_file=on_bad_file, duplicates="none", cache_file=cache)
-        kept = {r.path for r in screened.records}
-        pairs = [(s, g) for r, s, g in zip(records, splits, groups, strict=True) if r.path in kept]
-        return screened.records, [s for s, _ in pairs], [g for _, g in pairs], store_masks
-
-    if masks is None:
-        records = scan_dataset(base, with_masks=False, check_files=False)
-        candidates = [r.path.parent.parent / "masks" / r.path.name for r in records]
-        store_masks = all(r.path.parent.name == "images" and m.is_file() for r, m in zip(records, candidates))
-        if store_masks:
-            records = [Record(r.path, r.label, m) for r, m in zip(records, candidates)]
+) -> tuple[Source, list[Record], list[str], list[int], bool]:
+    """The source, its kept records, their splits and groups, and whether masks are stored: the DataModules'
+    read_records -> screen -> split (:func:`~covid_lightning.data.split.split_records`)."""
+    manifest = Path(root).expanduser() if is_manifest_file(root) else None
+    if split_file is not None:  # the split file lists the records: the source gives its folder and class names
+        if manifest is not None:
+            source = replace(scan_manifest(manifest, with_masks=None), splits=None)
         else:
-            log.info("Not every image has a lung mask: storing images only (pass masks=True to pair and skip).")
+            source = Source([], CLASSES, find_dataset_root(root))
+        records, splits = read_manifest(split_file, source.base, source.class_names)
+    elif manifest is not None:
+        source = scan_manifest(manifest, with_masks=masks)
+    elif masks is None:
+        source = read_records(root, with_masks=False)
+        candidates = [r.path.parent.parent / "masks" / r.path.name for r in source.records]
+        if all(r.path.parent.name == "images" and m.is_file() for r, m in zip(source.records, candidates)):
+            source = replace(source, records=[replace(r, mask_path=m) for r, m in zip(source.records, candidates)])
     else:
-        store_masks = masks
-        records = scan_dataset(base, with_masks=masks, check_files=False)
-    screened = screen_records(records, on_bad_file=on_bad_file, duplicates=duplicates, cache_file=cache)
-    groups = [int(g) for g in screened.groups]
-    splits = stratified_split(
-        [r.label for r in screened.records],
+        source = read_records(root, with_masks=masks)
+    if split_file is None:
+        records, splits = source.records, source.splits
+    have_masks = all(r.mask_path is not None for r in records)
+    if masks and not have_masks:
+        raise DatasetError(f"{split_file} has rows without a mask_path; it is not a segmentation split.")
+    store_masks = have_masks if masks is None else masks
+    if masks is None and not store_masks:
+        log.info("Not every image has a lung mask: storing images only (pass masks=True to pair and skip).")
+    if not store_masks:
+        records = [replace(r, mask_path=None) for r in records]
+    screened, splits, groups = split_records(
+        records,
+        splits=splits,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
-        groups=groups,
+        on_bad_file=on_bad_file,
+        duplicates=duplicates,
+        cache_file=inspection_cache_file(source.base),
     )
-    return screened.records, splits, groups, store_masks
+    return source, screened.records, splits, groups, store_masks
 
 
 def _check_written(location: str, expected: int) -> None:
@@ -334,7 +340,8 @@ def optimize_dataset(
     """Write ``root`` as one LitData dataset per split under ``out/<split>/`` (+ ``manifest.csv``, ``meta.json``).
 
     Args:
-        root: the dataset folder or a folder containing ``COVID-19_Radiography_Dataset``.
+        root: the dataset folder, a folder containing ``COVID-19_Radiography_Dataset``, or a manifest
+            (``.csv``/``.parquet``: ``path``, ``label``, ``mask_path``, ``split``, ``group``).
         out: a local folder or an object-store URL (``s3://bucket/prefix``, ``gs://...``), passed to LitData.
         masks: None stores masks when every image has one; True pairs and skips unpaired images; False none.
         image_size: resize once here (same ``Resize`` as the pipelines) and store lossless PNGs of that size;
@@ -353,7 +360,6 @@ def optimize_dataset(
     """
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be positive, not {image_size}.")
-    base = find_dataset_root(root)
     multi_node = _num_nodes() > 1
     if multi_node and overwrite:
         raise ValueError("overwrite works on one node only: on several nodes, write to a new (empty) output.")
@@ -368,8 +374,8 @@ def optimize_dataset(
     # anything, and no split can be merged without this node) it starts the chunk numbering afresh.
     mode = "overwrite" if overwrite else "append" if multi_node else None
     t0 = time.perf_counter()
-    records, splits, groups, store_masks = _select(
-        base,
+    source, records, splits, groups, store_masks = _select(
+        root,
         masks=masks,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
@@ -378,15 +384,16 @@ def optimize_dataset(
         on_bad_file=on_bad_file,
         duplicates=duplicates,
     )
+    base, class_names = source.base, source.class_names
     counts = dict.fromkeys(SPLITS, 0)
-    per_class = {s: dict.fromkeys(CLASSES, 0) for s in SPLITS}
+    per_class = {s: dict.fromkeys(class_names, 0) for s in SPLITS}
     for split in SPLITS:
         items = [
             (
                 str(r.path),
                 str(r.mask_path) if store_masks and r.mask_path is not None else "",
                 r.label,
-                r.path.relative_to(base).as_posix(),
+                relative_path(r.path, base),
                 g,
             )
             for r, s, g in zip(records, splits, groups, strict=True)
@@ -394,7 +401,7 @@ def optimize_dataset(
         ]
         counts[split] = len(items)
         for item in items:
-            per_class[split][CLASSES[item[2]]] += 1
+            per_class[split][class_names[item[2]]] += 1
         if not items:
             if overwrite:  # an earlier dataset's split must not outlive this one
                 _remove(join_location(out, split), storage_options)
@@ -424,7 +431,7 @@ def optimize_dataset(
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "classes": list(CLASSES),
+            "classes": list(class_names),
             "counts": counts,
             "class_counts": per_class,
             "masks": store_masks,
@@ -662,10 +669,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="covid-lightning optimize",
-        description="Write a COVID-19 Radiography Database folder as LitData streaming chunks, one dataset per "
+        description="Write a COVID-19 Radiography Database folder (or the files a manifest lists) as LitData "
+        "streaming chunks, one dataset per "
         "split (OUT/train, OUT/val[, OUT/test]) with OUT/manifest.csv and OUT/meta.json.",
     )
-    parser.add_argument("root", help="the dataset folder or a folder containing COVID-19_Radiography_Dataset/")
+    parser.add_argument(
+        "root", help="the dataset folder, a folder containing COVID-19_Radiography_Dataset/, or a manifest .csv"
+    )
     parser.add_argument("out", help="output folder or object-store URL (s3://bucket/prefix, gs://...)")
     parser.add_argument(
         "--masks",

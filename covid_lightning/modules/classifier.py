@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from covid_lightning.errors import UserError
 from covid_lightning.models.classifier import REGIMES, XRayNet
 from covid_lightning.modules.base import XRayModule
 from covid_lightning.modules.metrics import PairAccuracy
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 #: Canonical class names, duplicated from ``data.scan.CLASSES`` so ``modules/`` does not import ``data/``
 #: (a test checks that both agree).
 DEFAULT_CLASS_NAMES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+
+
+class ClassMismatchError(UserError, ValueError):
+    """A model and its data (or its checkpoint) disagree about the classes; the message names both."""
 
 
 def metric_key(name: str) -> str:
@@ -42,8 +47,10 @@ class XRayClassifier(XRayModule):
 
     Args:
         backbone: timm model name (default ``mobilenetv2_050``, Keras MobileNetV2 alpha=0.5).
-        num_classes: number of classes; ``class_names`` must have this length.
-        class_names: class names in label order (stored in the checkpoint).
+        num_classes: number of classes; ``class_names`` must have this length. None: as many as ``class_names``
+            (4 without them). The CLI sets both from the data (``data.class_names``).
+        class_names: class names in label order (stored in the checkpoint; default the Kaggle four, or ``"0"``,
+            ``"1"``, ... beyond four).
         pretrained: ImageNet weights through timm (HF hub + cache); fails fast offline.
         pretrained_file: local backbone weights (``.safetensors``, ``.pth`` or the Keras ``.h5``).
         flavor: ``keras`` = Keras-equivalent backbone (same padding, BN eps 1e-3) for Keras weights;
@@ -74,7 +81,7 @@ class XRayClassifier(XRayModule):
     def __init__(
         self,
         backbone: str = "mobilenetv2_050",
-        num_classes: int = 4,
+        num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
         pretrained: bool = True,
         pretrained_file: str | None = None,
@@ -97,7 +104,12 @@ class XRayClassifier(XRayModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if trainable not in REGIMES:
             raise ValueError(f"Unknown trainable regime {trainable!r}; choose one of {', '.join(REGIMES)}.")
-        class_names = list(class_names) if class_names is not None else list(DEFAULT_CLASS_NAMES[:num_classes])
+        if num_classes is None:
+            num_classes = len(class_names) if class_names is not None else len(DEFAULT_CLASS_NAMES)
+        if class_names is None:
+            defaults = DEFAULT_CLASS_NAMES if num_classes <= len(DEFAULT_CLASS_NAMES) else range(num_classes)
+            class_names = [str(n) for n in defaults][:num_classes]
+        class_names = list(class_names)
         if len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
         self.class_names = class_names
@@ -114,7 +126,10 @@ class XRayClassifier(XRayModule):
         )
         # Store what "auto" resolved to, so the checkpoint rebuilds exactly this network and preprocessing.
         self._finish_net()
-        self.hparams.update(flavor=self.net.flavor, normalization=self.net.normalization, class_names=class_names)
+        net = self.net
+        self.hparams.update(
+            flavor=net.flavor, normalization=net.normalization, num_classes=num_classes, class_names=class_names
+        )
         self.register_buffer("class_weight", self._initial_class_weight(class_weights, num_classes), persistent=False)
         self.label_smoothing = label_smoothing
 
@@ -168,6 +183,14 @@ class XRayClassifier(XRayModule):
         return {"image_size": self.hparams.image_size, "mean": self.net.mean, "std": self.net.std}
 
     def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        data_names = getattr(dm, "class_names", None) if stage != "predict" else None
+        if data_names is not None and [str(n) for n in data_names] != [str(n) for n in self.class_names]:
+            raise ClassMismatchError(
+                f"The data's classes ({', '.join(map(str, data_names))}) are not this model's "
+                f"({', '.join(map(str, self.class_names))}): build the model with class_names from the data "
+                "(the CLI links data.class_names to the model), or use the data it was trained on."
+            )
         if self.hparams.class_weights == "balanced" and stage == "fit" and self.class_weight is None:
             dm = self.trainer.datamodule
             if dm is None or not hasattr(dm, "class_weights"):
@@ -234,3 +257,15 @@ class XRayClassifier(XRayModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["preprocess"] = self.preprocess
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, naming both sides, weights of other classes (the CLI builds the head from the data's classes)."""
+        super().on_load_checkpoint(checkpoint)
+        stored = (checkpoint.get("hyper_parameters") or {}).get("class_names")
+        if stored is not None and [str(n) for n in stored] != [str(n) for n in self.class_names]:
+            raise ClassMismatchError(
+                f"The checkpoint was trained with num_classes {len(stored)} ({', '.join(map(str, stored))}), but this "
+                f"model has num_classes {len(self.class_names)} ({', '.join(map(str, self.class_names))}), taken "
+                "from its data. Use the data it was trained on: the same data.manifest (or the Kaggle layout for "
+                "its four classes)."
+            )
