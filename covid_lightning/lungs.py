@@ -28,6 +28,7 @@ from covid_lightning.data.roi import roi_mask_name
 from covid_lightning.data.scan import DatasetError, list_predict_images
 from covid_lightning.data.transforms import ImageReadError, load_image
 from covid_lightning.inference import load_checkpoint, preprocess
+from covid_lightning.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ CHECKPOINT_NOTE = "checkpoint.txt"
 
 def default_cache_root() -> Path:
     """``$XDG_CACHE_HOME/covid_lightning/lung_masks`` (``~/.cache/...`` by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "covid_lightning" / "lung_masks"
+    return cache_dir("lung_masks")
 
 
 def checkpoint_key(path: str | Path) -> str:

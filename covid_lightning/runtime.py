@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,3 +69,18 @@ def device_precision(precision: Any, accelerator: Any) -> Any:
     if str(precision) in ("bf16-mixed", "bf16") and not fast_bf16:
         log.warning("This CPU has no native bfloat16 kernels: %s will be much slower than 32-true.", precision)
     return precision
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/covid_lightning/<parts>`` (``~/.cache/covid_lightning/...`` by default): the one place
+    every cache of the package (inspections, decoded images, lung masks, the demo data) lives under."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base.joinpath("covid_lightning", *parts)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

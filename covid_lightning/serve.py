@@ -66,6 +66,7 @@ from covid_lightning.data.dicom import DicomError, dicom_size, has_dicom_magic  
 from covid_lightning.data.transforms import decode_rgb  # noqa: E402
 from covid_lightning.inference import load_checkpoint, preprocess  # noqa: E402
 from covid_lightning.modules.base import as_xray_module  # noqa: E402
+from covid_lightning.runtime import usable_cpus  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +331,7 @@ def default_cpu_threads(workers: int) -> int:
     also wants a core, a forward pass can be tens of times slower (measured: MobileNetV2 at 224 px on 2 busy
     cores, 1.5 s per image with 2 threads against 45 ms with 1).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, (cores - 1) // max(1, workers))
+    return max(1, (usable_cpus() - 1) // max(1, workers))
 
 
 def _positive_int(text: str) -> int:

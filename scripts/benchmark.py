@@ -94,7 +94,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from covid_lightning.runtime import keep_freed_memory
+from covid_lightning.runtime import keep_freed_memory, usable_cpus
 
 SECTIONS = ("loader", "train", "cache", "infer", "memory")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -198,14 +198,6 @@ def cpu_flags() -> list[str]:
                 flags = set(line.split(":", 1)[1].split())
                 return [f for f in wanted if f in flags]
     return []
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def cgroup_cpu_quota() -> float | None:

@@ -28,6 +28,7 @@ from covid_lightning.data.scan import (
 )
 from covid_lightning.data.split import SPLITS, read_manifest, split_records, write_manifest
 from covid_lightning.data.transforms import AUGMENTS, build_transform, eval_transform
+from covid_lightning.runtime import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,7 @@ MANIFEST_NAME = "split.csv"
 
 def default_num_workers() -> int:
     """Workers sized from the CPUs this process may use: half of them, between 1 and 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus // 2))
+    return max(1, min(8, usable_cpus() // 2))
 
 
 class XRayDataModule(L.LightningDataModule):

@@ -36,6 +36,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from covid_lightning.runtime import cache_dir
+
 #: Local copy of the canonical class order (``covid_lightning.data.scan.CLASSES``); they must match.
 DEMO_CLASSES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 DATASET_DIRNAME = "COVID-19_Radiography_Dataset"
@@ -65,11 +67,11 @@ Points = np.ndarray  # (N, 2) float array of normalised (x, y) coordinates, orig
 
 
 def default_demo_dir() -> Path:
-    """``$COVID_LIGHTNING_DEMO_DIR`` if set, else ``~/.cache/covid_lightning/demo``."""
+    """``$COVID_LIGHTNING_DEMO_DIR`` if set, else ``$XDG_CACHE_HOME/covid_lightning/demo`` (``~/.cache/...``)."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "covid_lightning" / "demo"
+    return cache_dir("demo")
 
 
 # --------------------------------------------------------------------------------------------

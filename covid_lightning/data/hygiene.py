@@ -45,6 +45,7 @@ from covid_lightning.data.scan import (
     scan_manifest,
 )
 from covid_lightning.data.transforms import to_rgb_array
+from covid_lightning.runtime import cache_dir, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,7 @@ def inspect_image(path: str | Path, *, mask: bool = False, keep_gray: bool = Fal
 
 def default_workers() -> int:
     """The CPU cores this process may use (at most 16)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(16, n))
+    return max(1, min(16, usable_cpus()))
 
 
 #: the stat fields a cache entry must match (see :func:`stat_key`)
@@ -958,7 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def inspection_cache_file(dataset_root: str | Path) -> Path:
     """Where the per-file inspection results of a dataset folder are cached (the user's cache dir:
     dataset folders are often read-only)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "covid_lightning" / "inspect"
+    base = cache_dir("inspect")
     key = hashlib.sha1(str(Path(dataset_root).resolve()).encode()).hexdigest()[:16]
     return base / f"{key}.json"
 

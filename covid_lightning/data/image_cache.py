@@ -45,6 +45,7 @@ import numpy as np
 
 from covid_lightning.data.hygiene import STAT_FIELDS, default_workers, stat_key
 from covid_lightning.data.transforms import ImageReadError, load_image, load_mask
+from covid_lightning.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ STALE_TEMP_SECONDS = 3600.0
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/covid_lightning/decoded`` (``~/.cache/covid_lightning/decoded`` by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "covid_lightning" / "decoded"
+    return cache_dir("decoded")
 
 
 def resize_like_pipeline(array: np.ndarray, image_size: int, interpolation: int) -> np.ndarray:
