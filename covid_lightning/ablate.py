@@ -55,7 +55,7 @@ class Run:
 
 def config_task(config: str | Path) -> str:
     """The task of the model a config builds (asked of the model class, not guessed from the text)."""
-    from covid_lightning.cli import model_class
+    from covid_lightning.modules.base import model_class
 
     class_path = (yaml.safe_load(Path(config).read_text()).get("model") or {}).get("class_path")
     cls = model_class(class_path)

@@ -28,7 +28,7 @@ from covid_lightning.callbacks import EvaluationReport, PredictionWriter, RunChe
 from covid_lightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file  # noqa: E402
 from covid_lightning.data.datamodules import XRayDataModule  # noqa: E402
 from covid_lightning.errors import UserError  # noqa: E402
-from covid_lightning.modules.base import MODEL_CLASS_KEY, XRayModule  # noqa: E402
+from covid_lightning.modules.base import MODEL_CLASS_KEY, XRayModule, model_class  # noqa: E402
 from covid_lightning.runs import (  # noqa: E402
     CHECKPOINTS,
     DEFAULT_ROOT,
@@ -85,9 +85,10 @@ class CovidLightningCLI(LightningCLI):
         root = Path(explicit_root or DEFAULT_ROOT)
         ckpt = resolve_checkpoint(config.get("ckpt_path"), root, name, subcommand)
         config.ckpt_path = str(ckpt) if ckpt else None
-        if ckpt is not None:
-            check_checkpoint_fits(ckpt, config.model)
-        self.run_plan = plan_run(subcommand, root, name, ckpt, explicit_root is not None)
+        checkpoint = load_checkpoint_file(ckpt) if ckpt is not None else None  # read once: checked, then planned
+        if checkpoint is not None:
+            check_checkpoint_fits(ckpt, checkpoint, config.model)
+        self.run_plan = plan_run(subcommand, root, name, ckpt, checkpoint, explicit_root is not None)
         config.trainer.default_root_dir = str(root)
         super()._parse_ckpt_path()
 
@@ -186,9 +187,9 @@ def best_checkpoint_of(last: Path) -> Path:
     raise UserError(f"{last} names no best checkpoint that still exists; give its path to --ckpt_path.")
 
 
-def check_checkpoint_fits(ckpt: Path, model_config: Any) -> None:
-    """Refuse, before anything runs, a checkpoint that is not this package's, or not the config's kind or shape."""
-    checkpoint = load_checkpoint_file(ckpt)
+def check_checkpoint_fits(ckpt: Path, checkpoint: dict[str, Any], model_config: Any) -> None:
+    """Refuse, before anything runs, a checkpoint (``ckpt``, loaded as ``checkpoint``) that is not this package's,
+    or not the config's kind or shape."""
     hparams = checkpoint.get("hyper_parameters") or {}
     stored = checkpoint.get(MODEL_CLASS_KEY) or hparams.get("_class_path")
     if not stored:
@@ -227,29 +228,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def model_class(class_path: str | None) -> type[XRayModule] | None:
-    """The :class:`XRayModule` subclass ``class_path`` names, if it is one of this package's (nothing else is
-    imported: a checkpoint must not make the CLI import arbitrary modules)."""
-    if not class_path or not str(class_path).startswith("covid_lightning."):
-        return None
-    import covid_lightning
-
-    short = str(class_path).rsplit(".", 1)[-1]
-    candidate = getattr(covid_lightning, short, None)
-    if isinstance(candidate, type) and issubclass(candidate, XRayModule):
-        return candidate
-    return None
-
-
-def plan_run(subcommand: str, root: Path, name: str, ckpt: Path | None, explicit_root: bool) -> RunPlan:
-    """Where ``subcommand`` writes (see :mod:`covid_lightning.runs`)."""
+def plan_run(
+    subcommand: str,
+    root: Path,
+    name: str,
+    ckpt: Path | None,
+    checkpoint: dict[str, Any] | None,
+    explicit_root: bool,
+) -> RunPlan:
+    """Where ``subcommand`` writes (see :mod:`covid_lightning.runs`); ``checkpoint`` is ``ckpt`` loaded."""
     inherited = RunPlan.from_env()
     if inherited is not None:
         return inherited
     run = run_of_checkpoint(ckpt) if ckpt is not None else None
     if subcommand == "fit":
         if run is not None:  # resume: the same folder, the same version, the same streams
-            step = int(load_checkpoint_file(ckpt).get("global_step", 0))
+            step = int((checkpoint or {}).get("global_step", 0))
             return RunPlan(run.parent.parent, run.parent.name, int(run.name.split("_")[-1]), resume_step=step)
         return RunPlan(root, name, next_version(root / name))
     base = run if run is not None and not explicit_root else root / name

@@ -16,7 +16,6 @@ normalisation inside the model), with the very function validation uses
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,14 +92,11 @@ def segment(
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> torch.nn.Module:
     """Load any covid-lightning checkpoint as the model class that wrote it."""
-    from covid_lightning.modules.base import MODEL_CLASS_KEY, XRayModule
+    from covid_lightning.modules.base import MODEL_CLASS_KEY, model_class
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     class_path = checkpoint.get(MODEL_CLASS_KEY) or checkpoint.get("hyper_parameters", {}).get("_class_path", "")
-    module_name, _, name = class_path.rpartition(".")
-    cls = None
-    if module_name.split(".")[0] == "covid_lightning":  # never import code a checkpoint names elsewhere
-        cls = getattr(importlib.import_module(module_name), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, XRayModule)):
+    cls = model_class(class_path)
+    if cls is None:
         raise TypeError(f"{path} is not a covid-lightning model checkpoint (model class: {class_path or '?'}).")
     return cls.load_from_checkpoint(path, map_location=map_location)

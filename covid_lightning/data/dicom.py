@@ -116,6 +116,13 @@ def output_range(ds: Any) -> tuple[float, float]:
     return lo, hi
 
 
+def scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Values in ``lo..hi`` -> uint8 0..255, rounded and clipped: the one rule for deeper-than-8-bit data
+    (16-bit PNGs from 0..65535, DICOMs from the range of their display pipeline)."""
+    span = hi - lo if hi > lo else 1.0
+    return np.clip((values - lo) / span * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def display_values(ds: Any, arr: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Stored grayscale values -> modality LUT -> VOI LUT/window -> MONOCHROME1 inverted, with the output range."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -130,8 +137,6 @@ def display_values(ds: Any, arr: np.ndarray) -> tuple[np.ndarray, float, float]:
 def read_dicom(source: Source) -> DicomImage:
     """Decode one single-frame DICOM radiograph (path or bytes) to HxWx3 uint8 RGB; :class:`DicomError` if it
     cannot be."""
-    from covid_lightning.data.transforms import scale_to_uint8
-
     ds = _read(source, pixels=True)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomError("DICOM file without pixel data (not an image)")

@@ -28,17 +28,10 @@ import numpy as np  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from covid_lightning.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom  # noqa: E402
+from covid_lightning.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom, scale_to_uint8  # noqa: E402
 
 Augment = Literal["none", "light", "strong"]
 AUGMENTS: tuple[str, ...] = ("none", "light", "strong")
-
-
-def scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Values in ``lo..hi`` -> uint8 0..255, rounded and clipped: the one rule for deeper-than-8-bit data
-    (16-bit PNGs from 0..65535, DICOMs from the range of their display pipeline)."""
-    span = hi - lo if hi > lo else 1.0
-    return np.clip((values - lo) / span * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +33,19 @@ def as_xray_module(model: Any, action: str = "use") -> XRayModule:
     if not isinstance(model, XRayModule) or model.task not in XRayModule.KINDS:
         raise TypeError(f"Cannot {action} a {type(model).__name__}: expected an XRayClassifier or a LungSegmenter.")
     return model
+
+
+def model_class(class_path: str | None) -> type[XRayModule] | None:
+    """The :class:`XRayModule` subclass ``class_path`` names, if it lives in this package; None otherwise.
+    Nothing outside ``covid_lightning`` is imported: a checkpoint must not make us import arbitrary modules."""
+    module_name, _, name = str(class_path or "").rpartition(".")
+    if module_name.split(".")[0] != "covid_lightning":
+        return None
+    try:
+        cls = getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, XRayModule) else None
 
 
 def _synchronize(device: torch.device) -> None:
