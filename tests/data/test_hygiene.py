@@ -24,6 +24,7 @@ from covid_lightning.data.hygiene import (
     main,
     summarize_groups,
 )
+from tests.helpers.files import rewrite_keeping_size_and_mtime
 
 
 @pytest.fixture
@@ -265,23 +266,6 @@ def test_cache(demo_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert inspect_files(paths[:2], cache_file=cache, workers=1) == first[:2]
 
 
-def _rewrite_keeping_size_and_mtime(path: Path, data: bytes, *, replace: bool) -> None:
-    """Write ``data`` (same length) to ``path`` in place or by rename, then restore the old mtime."""
-    before = path.stat()
-    assert len(data) == before.st_size
-    time.sleep(0.05)  # past the coarse clock tick of the file's last change
-    if replace:
-        tmp = path.with_name(".tmp-" + path.name)
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    else:
-        with open(path, "r+b") as f:
-            f.write(data)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-
-
 @pytest.mark.parametrize("replace", [False, True], ids=["in-place", "rename-over"])
 def test_cache_not_fooled_by_same_size_rewrite_with_restored_mtime(demo_copy: Path, tmp_path: Path, replace: bool):
     """A file corrupted to the same size with its mtime put back must be decoded again, not trusted."""
@@ -290,7 +274,7 @@ def test_cache_not_fooled_by_same_size_rewrite_with_restored_mtime(demo_copy: Pa
     assert all(i.ok for i in inspect_files(paths, cache_file=cache, workers=1))
     good = paths[3].read_bytes()
     corrupt = good[: len(good) // 2] + bytes(len(good) - len(good) // 2)  # PNG header intact, data zeroed
-    _rewrite_keeping_size_and_mtime(paths[3], corrupt, replace=replace)
+    rewrite_keeping_size_and_mtime(paths[3], corrupt, replace=replace)
     again = inspect_files(paths, cache_file=cache, workers=1)
     assert not again[3].ok, "the stale cache entry was trusted"
     assert [i.ok for i in again[:3] + again[4:]] == [True] * 7

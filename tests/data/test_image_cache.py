@@ -21,6 +21,7 @@ from covid_lightning.data import image_cache
 from covid_lightning.data.image_cache import DecodedCache, decode_resized
 from covid_lightning.data.scan import Record, scan_dataset
 from covid_lightning.data.transforms import ImageReadError, build_transform, load_image, load_mask
+from tests.helpers.files import rewrite_keeping_size_and_mtime
 
 
 @pytest.fixture(scope="module")
@@ -223,20 +224,7 @@ def test_disk_cache_not_fooled_by_same_size_rewrite_with_restored_mtime(
     old = DecodedCache.build(paths, 96, storage="disk", cache_dir=cache_dir, workers=2)
     old_content = old[7]
 
-    data = _png_bytes(255 - pixels)
-    before = changed.stat()
-    assert len(data) == before.st_size
-    time.sleep(0.05)  # past the coarse clock tick of the file's last change
-    if replace:
-        temp = changed.with_name(".tmp-" + changed.name)
-        temp.write_bytes(data)
-        temp.replace(changed)
-    else:
-        with open(changed, "r+b") as f:
-            f.write(data)
-    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = changed.stat()
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    rewrite_keeping_size_and_mtime(changed, _png_bytes(255 - pixels), replace=replace)
 
     new = DecodedCache.build(paths, 96, storage="disk", cache_dir=cache_dir, workers=2)
     assert new.key != old.key and new.path != old.path
