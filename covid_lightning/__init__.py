@@ -4,12 +4,12 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from covid_lightning.constants import CLASSES  # noqa: E402
 from covid_lightning.data.datamodules import (  # noqa: E402
     LungSegmentationDataModule,
     RadiographyDataModule,
     XRayDataModule,
 )
-from covid_lightning.data.scan import CLASSES  # noqa: E402
 from covid_lightning.modules.classifier import XRayClassifier  # noqa: E402
 from covid_lightning.modules.segmenter import LungSegmenter  # noqa: E402
 

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 try:
-    from covid_lightning.data.demo import DEMO_CLASSES, default_demo_dir, make_demo_dataset
+    from covid_lightning.constants import CLASSES
+    from covid_lightning.data.demo import default_demo_dir, make_demo_dataset
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from covid_lightning.data.demo import DEMO_CLASSES, default_demo_dir, make_demo_dataset
+    from covid_lightning.data.demo import CLASSES, default_demo_dir, make_demo_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(dataset)
     total = 0
-    for name in DEMO_CLASSES:
+    for name in CLASSES:
         images = sum(1 for p in (dataset / name / "images").glob("*.png"))
         masks = sum(1 for p in (dataset / name / "masks").glob("*.png"))
         total += images

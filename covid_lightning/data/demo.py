@@ -36,17 +36,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from covid_lightning.constants import CLASSES, DATASET_DIRNAME, IMAGE_SIZE, MASK_SIZE
 from covid_lightning.runtime import cache_dir
 
-#: Local copy of the canonical class order (``covid_lightning.data.scan.CLASSES``); they must match.
-DEMO_CLASSES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-DATASET_DIRNAME = "COVID-19_Radiography_Dataset"
 #: Written last; its presence with matching arguments means "complete, reuse as is".
 MARKER_NAME = ".demo.json"
 #: Bump whenever the generator's output changes, so cached demos are regenerated.
 DEMO_VERSION = 2
-IMAGE_SIZE = 299
-MASK_SIZE = 256
 ENV_VAR = "COVID_LIGHTNING_DEMO_DIR"
 
 _PARTIAL_PREFIX = f".{DATASET_DIRNAME}.partial-"
@@ -255,7 +251,7 @@ def _pathology(
     lungs: list[Points] = geom["lungs"]
     s = float(geom["scale"])
     out = np.zeros((size, size), np.float32)
-    name = DEMO_CLASSES[label]
+    name = CLASSES[label]
     if name == "COVID":
         # Several bilateral, peripheral / lower-zone, patchy (ground-glass-like) opacities.
         patch = 0.55 + 0.45 * np.clip(_smooth_noise(rng, size, size / 60.0), -1.5, 1.5) / 1.5
@@ -295,8 +291,8 @@ def synthesize_xray(
     Returns ``(image, mask)``: ``image`` uint8 gray ``(image_size, image_size)``, ``mask`` uint8
     ``(mask_size, mask_size)`` with values {0, 255}. Both come from the same normalised geometry.
     """
-    if not 0 <= label < len(DEMO_CLASSES):
-        raise ValueError(f"label must be in 0..{len(DEMO_CLASSES) - 1}, got {label}")
+    if not 0 <= label < len(CLASSES):
+        raise ValueError(f"label must be in 0..{len(CLASSES) - 1}, got {label}")
     size = image_size
     geom = _geometry(rng)
     place = geom["place"]
@@ -354,7 +350,7 @@ def _params(n_per_class: int, seed: int, rgb_fraction: float) -> dict[str, objec
         "n_per_class": n_per_class,
         "seed": seed,
         "rgb_fraction": rgb_fraction,
-        "classes": list(DEMO_CLASSES),
+        "classes": list(CLASSES),
         "image_size": IMAGE_SIZE,
         "mask_size": MASK_SIZE,
     }
@@ -378,7 +374,7 @@ def _is_complete(dataset: Path, params: dict[str, object]) -> bool:
     if read_marker(dataset) != params:
         return False
     n = params["n_per_class"]
-    for name in DEMO_CLASSES:
+    for name in CLASSES:
         for kind in ("images", "masks"):
             d = dataset / name / kind
             if not d.is_dir() or sum(1 for p in d.iterdir() if p.suffix == ".png") != n:
@@ -402,7 +398,7 @@ def _save_png(array: np.ndarray, path: Path, mode: str) -> None:
 def _write_dataset(dataset: Path, n_per_class: int, seed: int, rgb_fraction: float) -> None:
     """Write every file of the demo into ``dataset`` (assumed empty); the marker last."""
     (dataset / "README.md.txt").write_text(README_TEXT, encoding="utf-8")
-    for label, name in enumerate(DEMO_CLASSES):
+    for label, name in enumerate(CLASSES):
         images, masks = dataset / name / "images", dataset / name / "masks"
         images.mkdir(parents=True, exist_ok=True)
         masks.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from covid_lightning.constants import MASK_SIZE
 from covid_lightning.data.dicom import DICOM_SUFFIXES, MONOCHROME, is_dicom, read_dicom
 from covid_lightning.data.scan import (
     CLASSES,
@@ -50,7 +51,6 @@ from covid_lightning.runtime import cache_dir, usable_cpus
 log = logging.getLogger(__name__)
 
 #: The Kaggle lung masks are 256x256 (the images 299x299).
-MASK_SIZE: tuple[int, int] = (256, 256)
 #: Bump when FileInfo fields, the hashes or the cache key change: older cache files are then ignored.
 CACHE_VERSION = 2
 #: pHash Hamming distance up to which two images count as near duplicates. Re-encodes and small
@@ -670,9 +670,7 @@ def _manifest_layout(manifest: str | Path) -> _Layout:
     path = Path(manifest).expanduser()
     columns_source = scan_manifest(path, with_masks=None)
     base, names = columns_source.base, columns_source.class_names
-    per_class = {
-        name: {"images": 0, "masks": 0, "pairs": 0, "unpaired_images": 0, "orphan_masks": 0} for name in names
-    }
+    per_class = {name: {"images": 0, "masks": 0, "pairs": 0, "unpaired_images": 0, "orphan_masks": 0} for name in names}
     images: list[tuple[Path, int]] = []
     masks: list[tuple[Path, int]] = []
     unpaired: list[str] = []
@@ -729,7 +727,7 @@ def check_dataset(
     images, masks, per_class = layout.images, layout.masks, layout.per_class
     unpaired, orphans, extra, missing = layout.unpaired, layout.orphans, layout.extra, layout.missing
     rel = lambda p: relative_path(p, base)  # noqa: E731
-    expected_mask_size = MASK_SIZE if layout.source["kind"] == "kaggle" else None
+    expected_mask_size = (MASK_SIZE, MASK_SIZE) if layout.source["kind"] == "kaggle" else None
 
     infos = _inspect_many(
         [(p, False) for p, _ in images] + [(p, True) for p, _ in masks], workers=workers, cache_file=cache_file
@@ -802,7 +800,7 @@ def check_dataset(
     if zero_one:
         warnings.append(f"{len(zero_one)} mask(s) with values 0/1: load_mask reads them as empty (lung = > 127)")
     if wrong_size:
-        warnings.append(f"{len(wrong_size)} mask(s) not {MASK_SIZE[0]}x{MASK_SIZE[1]}")  # Kaggle layout only
+        warnings.append(f"{len(wrong_size)} mask(s) not {MASK_SIZE}x{MASK_SIZE}")  # Kaggle layout only
     if orphans:
         warnings.append(f"{len(orphans)} mask(s) without an image")
     if duplicates["groups"]:
@@ -821,7 +819,7 @@ def check_dataset(
         "images": stats(image_infos),
         "masks": {
             **stats(mask_infos),
-            "expected_size": f"{MASK_SIZE[0]}x{MASK_SIZE[1]}" if expected_mask_size else None,
+            "expected_size": f"{MASK_SIZE}x{MASK_SIZE}" if expected_mask_size else None,
             "non_binary": _examples(non_binary, examples),
             "zero_one": _examples(zero_one, examples),
             "wrong_size": _examples(wrong_size, examples),

@@ -15,15 +15,12 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from covid_lightning.constants import CLASSES, DATASET_DIRNAME
 from covid_lightning.data.dicom import DICOM_SUFFIXES, dicom_size, is_dicom
 from covid_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
-#: The four classes of the COVID-19 Radiography Database, in the canonical order (label = index): the class
-#: names of the Kaggle layout. A manifest's class names are its own labels, sorted.
-CLASSES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-DATASET_DIRNAME = "COVID-19_Radiography_Dataset"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", *DICOM_SUFFIXES})
 MANIFEST_SUFFIXES = frozenset({".csv", ".parquet"})
 #: the columns of a manifest: ``path`` always, ``label`` (classification) and/or ``mask_path`` (segmentation),

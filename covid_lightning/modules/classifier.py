@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from covid_lightning.constants import CLASSES
 from covid_lightning.errors import UserError
 from covid_lightning.models.classifier import REGIMES, XRayNet
 from covid_lightning.modules.base import XRayModule
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 #: Canonical class names, duplicated from ``data.scan.CLASSES`` so ``modules/`` does not import ``data/``
 #: (a test checks that both agree).
-DEFAULT_CLASS_NAMES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
 
 class ClassMismatchError(UserError, ValueError):
@@ -105,9 +105,9 @@ class XRayClassifier(XRayModule):
         if trainable not in REGIMES:
             raise ValueError(f"Unknown trainable regime {trainable!r}; choose one of {', '.join(REGIMES)}.")
         if num_classes is None:
-            num_classes = len(class_names) if class_names is not None else len(DEFAULT_CLASS_NAMES)
+            num_classes = len(class_names) if class_names is not None else len(CLASSES)
         if class_names is None:
-            defaults = DEFAULT_CLASS_NAMES if num_classes <= len(DEFAULT_CLASS_NAMES) else range(num_classes)
+            defaults = CLASSES if num_classes <= len(CLASSES) else range(num_classes)
             class_names = [str(n) for n in defaults][:num_classes]
         class_names = list(class_names)
         if len(class_names) != num_classes:

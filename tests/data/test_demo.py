@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from covid_lightning.constants import CLASSES as DEMO_CLASSES
+from covid_lightning.constants import DATASET_DIRNAME
 from covid_lightning.data.demo import (
-    DATASET_DIRNAME,
-    DEMO_CLASSES,
     MARKER_NAME,
     default_demo_dir,
     is_demo_dataset,
@@ -37,15 +37,6 @@ def _files(dataset: Path) -> dict[str, bytes]:
         for p in sorted(dataset.rglob("*"))
         if p.is_file() and p.name != MARKER_NAME
     }
-
-
-def test_classes_match_the_package_canonical_order() -> None:
-    assert DEMO_CLASSES == ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
-    try:
-        from covid_lightning.data.scan import CLASSES
-    except ImportError:  # scan.py not there yet
-        pytest.skip("covid_lightning.data.scan not importable")
-    assert tuple(CLASSES) == DEMO_CLASSES
 
 
 def test_layout_sizes_and_modes(small_demo: Path) -> None:
