@@ -1,16 +1,11 @@
-"""Checkpoints that are never left half-written, and a loader that names the bad file and what to do.
-
-Lightning saves a local checkpoint through an fsspec transaction: the bytes go to a temp file in ``$TMPDIR``
-and are moved onto the target at commit. When ``$TMPDIR`` is on another filesystem (a bind mount, NFS,
-``/dev/shm``) that move is a copy over the existing ``last.ckpt``, so a kill during it leaves a truncated or
-empty file. :class:`AtomicCheckpointIO` writes next to the target instead and renames it into place.
-"""
+"""Checkpoints never left half-written (Lightning's temp file in ``$TMPDIR`` is copied over ``last.ckpt`` when
+``$TMPDIR`` is another filesystem), and a loader that names a bad file and what to do."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,129 +17,64 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from covid_lightning.errors import UserError
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "atomic_torch_save", "load_checkpoint_file"]
-
-_TEMP_SUFFIX = ".tmp"  # not ".ckpt": Lightning's ckpt_path="last" lookup must never pick a temp file
-_MAX_LISTED = 5
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # once, at import: reading it means setting it, which is not thread safe
-
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, empty, truncated or not a checkpoint; the message says what to do."""
 
 
-def _local_path(path: _PATH) -> Path | None:
-    """``path`` as a local :class:`Path`, or ``None`` for a remote fsspec URL (``s3://``, ``gs://``, ...)."""
-    text = os.fspath(path)
-    if get_protocol(text) not in ("file", "local"):
-        return None
-    if "://" in text or text.startswith("local:"):
-        _, text = url_to_fs(text)
-    return Path(text)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename in ``folder`` (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in ``path``'s folder, fsync it, then ``os.replace`` it onto ``path``.
-
-    Readers (and a later resume) see the old file or the new one, never a partial one. On any error, the
-    temp file is removed; a hard kill can leave a hidden ``.<name>.*.tmp`` file behind, never a broken ``path``.
-    """
+    """``torch.save`` to a temp file in ``path``'s folder, fsync it, then ``os.replace`` it onto ``path``: readers
+    see the old file or the new one; a hard kill can leave a hidden ``.<name>.*.tmp`` behind, never a broken path.
+    The suffix is not ``.ckpt``, so Lightning's ``ckpt_path="last"`` lookup never picks a temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        mode = 0o666 & ~_UMASK
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # created with the umask's mode, as a plain save
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        with contextlib.suppress(OSError):  # mkstemp makes it 0600; keep what a plain save would give
-            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # persist the rename (POSIX; folders cannot be opened on Windows)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's :class:`TorchCheckpointIO` with local saves made atomic by :func:`atomic_torch_save`.
-
-    Use it as ``Trainer(plugins=[AtomicCheckpointIO()])``. Remote paths (fsspec URLs) and ``storage_options``
-    go to Lightning's own implementation.
-    """
+    """Lightning's :class:`TorchCheckpointIO` with local saves made atomic by :func:`atomic_torch_save`;
+    remote paths (fsspec URLs) and ``storage_options`` go to Lightning's own implementation."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        """Write ``checkpoint`` to ``path`` so that ``path`` is never seen half-written."""
-        local = _local_path(path) if storage_options is None else None
-        if local is None:
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        atomic_torch_save(checkpoint, local)
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading with a clear error
-# --------------------------------------------------------------------------------------------------
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+        if storage_options is not None or get_protocol(os.fspath(path)) not in ("file", "local"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, url_to_fs(os.fspath(path))[1])
 
 
 def _others(path: Path) -> str:
-    """What else to use: the other ``.ckpt`` files in ``path``'s folder, ``best-*`` first, newest first."""
-    folder = path.parent
-    try:
-        found = [p for p in folder.glob("*.ckpt") if p.is_file() and p.name != path.name]
-    except OSError:
-        found = []
-    if not found:
-        return f"use another checkpoint, e.g. the run's best-*.ckpt (there is no other .ckpt in {folder})"
-    found.sort(key=lambda p: (not p.name.startswith("best"), -_mtime(p)))
-    shown = ", ".join(str(p) for p in found[:_MAX_LISTED])
-    more = f" and {len(found) - _MAX_LISTED} more" if len(found) > _MAX_LISTED else ""
-    return f"use another checkpoint, e.g. the best-*.ckpt in the same folder; there: {shown}{more}"
+    """What to use instead: the other ``.ckpt`` files of ``path``'s folder, ``best-*`` first, newest first."""
+    with contextlib.suppress(OSError):
+        found = sorted(
+            (p for p in path.parent.glob("*.ckpt") if p.is_file() and p.name != path.name),
+            key=lambda p: (not p.name.startswith("best"), -p.stat().st_mtime),
+        )
+        if found:
+            more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+            shown = ", ".join(map(str, found[:5]))
+            return f"use another checkpoint, e.g. the best-*.ckpt in the same folder; there: {shown}{more}"
+    return f"use another checkpoint, e.g. the run's best-*.ckpt (there is no other .ckpt in {path.parent})"
 
 
 def load_checkpoint_file(
     path: str | Path, *, map_location: Any = "cpu", required_keys: tuple[str, ...] = ("state_dict",)
 ) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``, or raise :class:`CheckpointError`.
-
-    A missing, empty, truncated or non-checkpoint file (a dict lacking ``required_keys`` included) gets one
-    clear message naming the file and saying what to do, instead of a bare ``EOFError`` or zip error.
-    """
+    """``torch.load(weights_only=True)`` of a checkpoint, or a :class:`CheckpointError` naming the file, what is
+    wrong with it (missing, a folder, empty, truncated, not a checkpoint, lacking ``required_keys``) and what to do."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist: check the path, or {_others(path)}.")
@@ -160,9 +90,7 @@ def load_checkpoint_file(
     except Exception as err:  # EOFError, zip RuntimeError, UnpicklingError, ...: all mean "cannot use this file"
         raise CheckpointError(_unreadable(path, size, err)) from err
     if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"{path} is a torch file but not a checkpoint (it holds a {type(obj).__name__}); {_others(path)}."
-        )
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint (a {type(obj).__name__}); {_others(path)}.")
     missing = [k for k in required_keys if k not in obj]
     if missing:
         keys = ", ".join(map(str, list(obj)[:8])) or "none"
@@ -175,22 +103,17 @@ def load_checkpoint_file(
 
 def _unreadable(path: Path, size: int, err: BaseException) -> str:
     """Why ``torch.load`` failed on ``path``, from the error and the file's first bytes, and what to do."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    detail = f"{type(err).__name__}: {(lines or [''])[0].split('. ')[0]}"  # torch's messages run on
+    lines = [line.strip().split(". ")[0] for line in str(err).splitlines() if line.strip()]  # torch's run on
+    refused = next((line for line in lines if "Unsupported global" in line), None)
     if isinstance(err, PermissionError):
         return f"Checkpoint {path} cannot be read ({err}): fix its permissions, or {_others(path)}."
-    refused = next((line for line in lines if "Unsupported global" in line), None)
     if refused is not None:
-        return (
-            f"Checkpoint {path} holds Python objects that weights-only loading refuses ({refused.split('. ')[0]}). "
-            f"Use a checkpoint written by this toolkit, or {_others(path)}."
-        )
-    head = b""
-    with contextlib.suppress(OSError), path.open("rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK"):  # torch's zip format: the start is there, the rest is not
-        return (
-            f"Checkpoint {path} is truncated or damaged ({size} bytes; {detail}): it was probably cut off while "
-            f"being written or copied; {_others(path)}."
-        )
+        why = f"holds Python objects that weights-only loading refuses ({refused}). Use a checkpoint written by this"
+        return f"Checkpoint {path} {why} toolkit, or {_others(path)}."
+    detail = f"{type(err).__name__}: {(lines or [''])[0]}"
+    with path.open("rb") as f:
+        zipped = f.read(2) == b"PK"  # torch's zip format: the start is there, the rest is not
+    if zipped:
+        cut = "it was probably cut off while being written or copied"
+        return f"Checkpoint {path} is truncated or damaged ({size} bytes; {detail}): {cut}; {_others(path)}."
     return f"{path} is not a PyTorch checkpoint ({detail}); {_others(path)}."

@@ -1,7 +1,7 @@
 """The command line: ``lightning`` / ``covid-lightning`` / ``python -m covid_lightning``.
 
-``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (one YAML per experiment);
-extra subcommands that do not run a Trainer are dispatched before LightningCLI parses anything.
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (one YAML per experiment); the extra
+commands (:data:`EXTRA_COMMANDS`) are plain functions run by jsonargparse before LightningCLI parses anything.
 """
 
 from __future__ import annotations
@@ -17,42 +17,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import torch
+from jsonargparse import auto_cli
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
-from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
-
-from covid_lightning.callbacks import EvaluationReport, PredictionWriter, RunCheckpoint  # noqa: E402
-from covid_lightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file  # noqa: E402
-from covid_lightning.data.datamodules import XRayDataModule  # noqa: E402
-from covid_lightning.errors import UserError  # noqa: E402
-from covid_lightning.modules.base import MODEL_CLASS_KEY, XRayModule, model_class  # noqa: E402
-from covid_lightning.runs import (  # noqa: E402
-    CHECKPOINTS,
-    DEFAULT_ROOT,
-    LAST,
-    RUN_ENV,
-    RunPlan,
-    latest_run,
-    next_version,
-    run_of_checkpoint,
-)
-from covid_lightning.runtime import device_precision, tune_cpu_allocator  # noqa: E402
+from covid_lightning.callbacks import EvaluationReport, PredictionWriter, RunCheckpoint
+from covid_lightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from covid_lightning.data.datamodules import XRayDataModule
+from covid_lightning.errors import UserError
+from covid_lightning.modules.base import MODEL_CLASS_KEY, XRayModule, model_class
+from covid_lightning.runs import DEFAULT_ROOT, RUN_ENV, RunPlan, default_run_name, plan_run, resolve_checkpoint
+from covid_lightning.runtime import device_precision, tune_cpu_allocator
 
 log = logging.getLogger(__name__)
 
 
 class CovidLightningCLI(LightningCLI):
-    """LightningCLI over any :class:`XRayModule` and :class:`XRayDataModule` (``class_path`` in the YAML).
-
-    What every run shares is defaulted here, so a config holds only its experiment: the run folder
-    (``<trainer.default_root_dir or runs>/<name>/version_N``, CSV + TensorBoard loggers), the best/last
-    checkpoints (``checkpoint``), the LR monitor, the evaluation report (``report``) and the prediction
-    writer (``predictions``), each configurable under its key. ``data.image_size`` is linked to
-    ``model.image_size``: the data decides the size, the checkpoint stores it for inference.
-    """
+    """LightningCLI over any :class:`XRayModule` and :class:`XRayDataModule`, defaulting what every run shares (run
+    folder and loggers, atomic checkpoints, ``checkpoint``, ``lr_monitor``, ``report``, ``predictions``), so that a
+    config holds only its experiment."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._started = time.monotonic()
@@ -64,6 +49,8 @@ class CovidLightningCLI(LightningCLI):
         # the classifier's head sizes itself from the data's classes (a manifest's labels, or the Kaggle four)
         for target, compute in (("class_names", list), ("num_classes", len)):
             parser.link_arguments("data.class_names", f"model.init_args.{target}", compute, apply_on="instantiate")
+        # and its loss weights from the data's (``--data.class_weights balanced``: from the train split)
+        parser.link_arguments("data.class_weights", "model.init_args.class_weights", apply_on="instantiate")
         parser.add_argument(
             "--name", type=str | None, default=None, help="Run name: the run lives in <default_root_dir>/<name>/."
         )
@@ -72,10 +59,9 @@ class CovidLightningCLI(LightningCLI):
         parser.add_lightning_class_args(EvaluationReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
-    # run folder and checkpoint ----------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path`` (``last``/``best`` = the newest run of this name), refuse a checkpoint
-        that does not fit the config, plan the run folder, then let Lightning read the hyper-parameters."""
+        """Resolve ``--ckpt_path`` (``last``/``best``: of the newest run of this name), refuse a checkpoint that does
+        not fit the config, plan the run folder, then let Lightning read the hyper-parameters."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -107,84 +93,17 @@ class CovidLightningCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
-    def _attach_lung_masks(self, stage: str) -> None:
-        """``data.lung_segmenter`` set: predict (once, cached) the lung masks the DataModule will read."""
-        datamodule = self.datamodule
-        ckpt = datamodule.hparams.get("lung_segmenter") if datamodule is not None else None
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lung masks first where ``data.lung_segmenter`` asks for them (predicted once, cached); a summary after."""
+        ckpt = self.datamodule.hparams.get("lung_segmenter") if self.datamodule is not None else None
         if ckpt:
             from covid_lightning.lungs import attach_lung_masks
 
-            folder = attach_lung_masks(datamodule, ckpt, stage=stage)
-            log.info("Lung masks of %s: %s", ckpt, folder)
-
-    def before_fit(self) -> None:
-        self._attach_lung_masks("fit")
-
-    def before_validate(self) -> None:
-        self._attach_lung_masks("validate")
-
-    def before_test(self) -> None:
-        self._attach_lung_masks("test")
-
-    def before_predict(self) -> None:
-        self._attach_lung_masks("predict")
-
-    # what each command tells the user at the end ---------------------------------------------------
-    def after_fit(self) -> None:
-        self._say(fit_summary(self.trainer, time.monotonic() - self._started))
-
-    def after_validate(self) -> None:
-        self._say(evaluation_summary(self.trainer, "validate", time.monotonic() - self._started))
-
-    def after_test(self) -> None:
-        self._say(evaluation_summary(self.trainer, "test", time.monotonic() - self._started))
-
-    def after_predict(self) -> None:
-        self._say(prediction_summary(self.trainer, time.monotonic() - self._started))
-
-    def _say(self, text: str) -> None:
-        if self.trainer.is_global_zero and text:
-            print(text, flush=True)
-
-
-def default_run_name(config: Any) -> str:
-    """The first ``--config`` file's stem, else the model class' name in lower case."""
-    files = config.get("config") or []
-    if files:
-        first = files[0]
-        return Path(str(getattr(first, "relative", first))).stem
-    model = config.get("model") or {}
-    class_path = model.get("class_path") if hasattr(model, "get") else None
-    return (class_path or "run").rsplit(".", 1)[-1].lower()
-
-
-def resolve_checkpoint(ckpt: Any, root: Path, name: str, subcommand: str) -> Path | None:
-    """``last``/``best`` -> that file of the newest run of ``name``; a path -> itself (it must exist)."""
-    if ckpt is None:
-        return None
-    if str(ckpt) in ("last", "best"):
-        run = latest_run(root, name)
-        if run is None:
-            if subcommand == "fit" and str(ckpt) == "last":
-                log.warning("No earlier run of %r under %s to resume: starting a new run.", name, root)
-                return None
-            raise UserError(f"--ckpt_path {ckpt}: no run of {name!r} under {root} has a {LAST}.")
-        last = run / CHECKPOINTS / LAST
-        return last if str(ckpt) == "last" else best_checkpoint_of(last)
-    path = Path(str(ckpt)).expanduser()
-    if not path.is_file():
-        raise UserError(f"--ckpt_path {path}: no such checkpoint file.")
-    return path
-
-
-def best_checkpoint_of(last: Path) -> Path:
-    """The best checkpoint ``last.ckpt``'s :class:`RunCheckpoint` state points to."""
-    state = load_checkpoint_file(last).get("callbacks", {})
-    for key, value in state.items():
-        best = value.get("best_model_path") if isinstance(value, dict) else None
-        if "Checkpoint" in str(key) and best and Path(best).is_file():
-            return Path(best)
-    raise UserError(f"{last} names no best checkpoint that still exists; give its path to --ckpt_path.")
+            log.info("Lung masks of %s: %s", ckpt, attach_lung_masks(self.datamodule, ckpt, stage=subcommand))
+        super()._run_subcommand(subcommand)
+        log_dir = self.trainer.log_dir  # a collective in multi-process runs: every rank asks
+        if self.trainer.is_global_zero:
+            print(summary(self.trainer, subcommand, time.monotonic() - self._started, log_dir), flush=True)
 
 
 def check_checkpoint_fits(ckpt: Path, checkpoint: dict[str, Any], model_config: Any) -> None:
@@ -197,19 +116,21 @@ def check_checkpoint_fits(ckpt: Path, checkpoint: dict[str, Any], model_config: 
     stored_cls = model_class(stored)
     if stored_cls is None:
         raise UserError(f"{ckpt} names the model class {stored}, which is not a covid-lightning model; not loading it.")
-    wanted = model_config.get("class_path") if model_config is not None else None
-    wanted_cls = model_class(wanted) if wanted else None
+    model_config = model_config or {}
+    wanted_cls = model_class(model_config.get("class_path"))
     if wanted_cls is not None and wanted_cls is not stored_cls:
         raise UserError(
-            f"{ckpt} holds a {stored_cls.__name__} ({getattr(stored_cls, 'task', '?')}) checkpoint, but the config "
-            f"builds a {wanted_cls.__name__} ({getattr(wanted_cls, 'task', '?')}). Use a "
-            f"{getattr(stored_cls, 'task', stored_cls.__name__)} config with this checkpoint, or a matching checkpoint."
+            f"{ckpt} holds a {stored_cls.__name__} ({stored_cls.task}) checkpoint, but the config builds a "
+            f"{wanted_cls.__name__} ({wanted_cls.task}). Use a {stored_cls.task} config with this checkpoint, "
+            "or a matching checkpoint."
         )
-    init_args = (model_config.get("init_args") if model_config is not None else None) or {}
+    init_args = model_config.get("init_args") or {}
     differ = {
         key: (init_args.get(key), hparams.get(key))
         for key in stored_cls._compat_keys
-        if key in init_args and key in hparams and init_args.get(key) not in (None, "auto")
+        if key in init_args
+        and key in hparams
+        and init_args.get(key) not in (None, "auto")
         and _plain(init_args.get(key)) != _plain(hparams.get(key))
     }
     if differ:
@@ -219,82 +140,51 @@ def check_checkpoint_fits(ckpt: Path, checkpoint: dict[str, Any], model_config: 
 
 def _plain(value: Any) -> Any:
     """Config values (Namespaces, tuples) and checkpoint values (lists, dicts) compared as plain data."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
+    value = value.as_dict() if hasattr(value, "as_dict") else value
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
-def plan_run(
-    subcommand: str,
-    root: Path,
-    name: str,
-    ckpt: Path | None,
-    checkpoint: dict[str, Any] | None,
-    explicit_root: bool,
-) -> RunPlan:
-    """Where ``subcommand`` writes (see :mod:`covid_lightning.runs`); ``checkpoint`` is ``ckpt`` loaded."""
-    inherited = RunPlan.from_env()
-    if inherited is not None:
-        return inherited
-    run = run_of_checkpoint(ckpt) if ckpt is not None else None
-    if subcommand == "fit":
-        if run is not None:  # resume: the same folder, the same version, the same streams
-            step = int((checkpoint or {}).get("global_step", 0))
-            return RunPlan(run.parent.parent, run.parent.name, int(run.name.split("_")[-1]), resume_step=step)
-        return RunPlan(root, name, next_version(root / name))
-    base = run if run is not None and not explicit_root else root / name
-    return RunPlan(base, subcommand, next_version(base / subcommand))
-
-
-def fit_summary(trainer: Any, seconds: float) -> str:
-    lines = [f"Run folder: {trainer.log_dir}"]
+def summary(trainer: Any, subcommand: str, seconds: float, log_dir: str | None) -> str:
+    """What a command prints at the end: where its results are (``log_dir``: the run's), and the headline numbers."""
+    if subcommand == "predict":
+        paths = [str(c.csv_path) for c in trainer.callbacks if isinstance(c, PredictionWriter) and c.csv_path]
+        return f"predict: written to {', '.join(paths) or log_dir} ({seconds:.1f} s)"
+    if subcommand in ("validate", "test"):
+        prefix = "val/" if subcommand == "validate" else "test/"
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix) and v.numel() == 1}
+        order = sorted(metrics, key=lambda k: (k.count("/") > 1 or "_" in k.split("/")[-1], k))[:6]
+        headline = ", ".join(f"{k} {metrics[k]:.4f}" for k in order)
+        return f"{subcommand}: {headline}\n  results in {log_dir} ({seconds:.1f} s)"
+    lines = [f"Run folder: {log_dir}"]
     ckpt = trainer.checkpoint_callback
-    if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-        score = ckpt.best_model_score
-        value = f"{float(score):.4f}" if score is not None else "?"
-        lines.append(f"  best {ckpt.monitor} {value}: {ckpt.best_model_path}")
-    if ckpt is not None and getattr(ckpt, "last_model_path", ""):
+    if ckpt is not None and ckpt.best_model_path:
+        score = "?" if ckpt.best_model_score is None else f"{float(ckpt.best_model_score):.4f}"
+        lines.append(f"  best {ckpt.monitor} {score}: {ckpt.best_model_path}")
+    if ckpt is not None and ckpt.last_model_path:
         lines.append(f"  last checkpoint: {ckpt.last_model_path}")
     lines.append(f"  {trainer.current_epoch} epochs done, wall time {seconds:.1f} s")
     return "\n".join(lines)
 
 
-def _headline(trainer: Any, prefix: str) -> str:
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix) and v.numel() == 1}
-    order = sorted(metrics, key=lambda k: (k.count("/") > 1 or "_" in k.split("/")[-1], k))
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in order[:6])
-
-
-def evaluation_summary(trainer: Any, stage: str, seconds: float) -> str:
-    prefix = "val/" if stage == "validate" else "test/"
-    return f"{stage}: {_headline(trainer, prefix)}\n  results in {trainer.log_dir} ({seconds:.1f} s)"
-
-
-def prediction_summary(trainer: Any, seconds: float) -> str:
-    writers = [c for c in trainer.callbacks if isinstance(c, PredictionWriter)]
-    paths = [str(w.csv_path) for w in writers if getattr(w, "csv_path", None)]
-    where = ", ".join(paths) if paths else str(trainer.log_dir)
-    return f"predict: written to {where} ({seconds:.1f} s)"
-
-
-#: Subcommands that do not run a Trainer: name -> "module:function" taking argv and returning an exit code.
+#: Subcommands that do not run a Trainer: name -> "module:function". The function's signature and docstring are the
+#: command's options (jsonargparse, as for the trainer commands: ``--help``, ``--config``, ``--print_config``); a
+#: parameter without a default is positional; the return value is the exit code.
 EXTRA_COMMANDS: dict[str, str] = {
-    "check-data": "covid_lightning.data.hygiene:main",
-    "download": "covid_lightning.download:main",
-    "export": "covid_lightning.export:main",
-    "lungmasks": "covid_lightning.lungs:main",
-    "optimize": "covid_lightning.data.streaming:main",
-    "serve": "covid_lightning.serve:main",
+    "check-data": "covid_lightning.data.hygiene:check_data",
+    "download": "covid_lightning.download:download",
+    "export": "covid_lightning.export:export",
+    "lungmasks": "covid_lightning.lungs:lungmasks",
+    "optimize": "covid_lightning.data.streaming:optimize",
+    "serve": "covid_lightning.serve:serve",
 }
 
 
 def run_extra_command(name: str, argv: Sequence[str]) -> int:
     module, _, function = EXTRA_COMMANDS[name].partition(":")
-    return int(getattr(importlib.import_module(module), function)(list(argv)) or 0)
+    command = getattr(importlib.import_module(module), function)
+    return int(auto_cli(command, args=list(argv), prog=f"covid-lightning {name}") or 0)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> CovidLightningCLI:
@@ -319,18 +209,13 @@ DEBUG_ENV = "COVID_LIGHTNING_DEBUG"
 class _CurrentStderr(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at each record (in-process runs under capture, then without)."""
 
-    @property
-    def stream(self) -> Any:  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(NOISE)
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith(NOISE)
 
 
 def setup_console() -> None:
@@ -343,14 +228,14 @@ def setup_console() -> None:
         package.setLevel(logging.INFO)
         package.propagate = False
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropNoise())
+        logging.getLogger(name).addFilter(_not_noise)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"The dirpath has changed from")  # evaluating a run's checkpoint
 
 
-def user_error(err: BaseException) -> BaseException | None:
-    """The mistake a user can fix behind ``err``, if any: our :class:`UserError`, a missing file, or a
+def user_error(err: BaseException | None) -> BaseException | None:
+    """The mistake a user can fix behind ``err``, if any: a :class:`UserError`, a missing file, or a
     ``ValueError``/``TypeError`` raised by this package's own checks; followed through the exceptions that
     wrap it (jsonargparse reports a failed ``__init__`` inside its own error)."""
     seen: set[int] = set()
@@ -358,23 +243,20 @@ def user_error(err: BaseException) -> BaseException | None:
         seen.add(id(err))
         if isinstance(err, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
             return err
-        if isinstance(err, (ValueError, TypeError)):
-            frames = traceback.extract_tb(err.__traceback__)
-            if frames and f"{os.sep}covid_lightning{os.sep}" in frames[-1].filename:
-                return err
+        frames = traceback.extract_tb(err.__traceback__)
+        if (
+            isinstance(err, (ValueError, TypeError))
+            and frames
+            and f"{os.sep}covid_lightning{os.sep}" in frames[-1].filename
+        ):
+            return err
         err = err.__cause__ or err.__context__
     return None
 
 
-def release_process_group() -> None:
-    """Destroy a multi-process run's process group before the interpreter exits: left to interpreter
-    teardown, gloo's threads can abort the process (``terminate called without an active exception``)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console scripts: a user error is one paragraph and exit code 2, no traceback."""
+    """Entry point of the console scripts: a user error is one ``error:`` paragraph and exit code 2 (``--debug``
+    or ``COVID_LIGHTNING_DEBUG=1``: the traceback)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
@@ -384,12 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args and args[0] in EXTRA_COMMANDS:
             return run_extra_command(args[0], args[1:])
         if args and args[0] in ("-h", "--help"):
-            extra = ", ".join(EXTRA_COMMANDS)
-            print(f"Extra commands (each with its own --help): {extra}. Trainer commands follow.\n", flush=True)
+            print(f"Extra commands (each with its own --help): {', '.join(EXTRA_COMMANDS)}. Trainer commands follow.\n")
         if argv is None:
             sys.argv[1:] = args  # LightningCLI reads sys.argv itself (without --debug)
         build_cli(args if argv is not None else None)
-        release_process_group()
+        # a multi-process run's group, destroyed before interpreter teardown, where gloo's threads can abort
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs right here
         mistake = user_error(err)
         if debug or mistake is None:

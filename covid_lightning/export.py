@@ -1,66 +1,65 @@
-"""Export a trained model to ONNX or TorchScript, with its preprocessing contract.
+"""Export a trained model to ONNX or TorchScript with its preprocessing contract, and int8 ONNX for CPU serving.
 
-The exported graph takes what the DataModules hand the model: ``uint8`` RGB images, ``N x 3 x S x S``,
-0..255, already resized to the model's ``image_size``. Scaling and normalisation are inside the graph
-(the model's first layer), and it returns ``logits`` and ``probs`` (softmax for the classifier,
-sigmoid for the segmenter)::
+The graph takes what the DataModules hand the model: ``uint8`` RGB ``N x 3 x S x S`` (0..255, resized to the
+model's ``image_size``); scaling and normalisation are inside, and it returns ``logits`` and ``probs``. The
+contract (:func:`build_contract`) is written next to each file as ``<file>.json``, into the ONNX
+``metadata_props`` (one entry per key, plus ``contract``: the whole JSON) and into the TorchScript archive.
 
-    covid-lightning export --ckpt runs/.../best.ckpt --format onnx torchscript
-
-    from covid_lightning.export import export_onnx
-    export_onnx(model, "classifier.onnx")  # + classifier.onnx.json, the contract
-
-The contract (:func:`build_contract`) is written next to each file as ``<file>.json`` (``model.onnx.json``,
-``model.pt.json``: the ONNX and TorchScript files of one checkpoint can share a folder), and also into the
-ONNX ``metadata_props`` (one entry per top-level key, non-strings JSON-encoded, plus ``contract``: the whole
-JSON) and the TorchScript archive (``extra/covid_lightning.json``).
-
-ONNX exporter: the ``torch.export``-based one (``dynamo=True``), the default since torch 2.9. Its graph
-is verified with a symbolic batch dimension (a batch-dependent constant fails the export instead of
-hiding in the graph), TF-"same" padding of the Keras-flavour backbone folds to static pads (109 nodes
-against 659 from the TorchScript-based exporter), and the TorchScript-based exporter is deprecated.
-Its lowest opset is 18 (asking it for 17 exports at 18 and fails to down-convert the classifier's
-``ReduceMean``), so the default opset is 18 (onnxruntime >= 1.14); ``opset < 18`` falls back to the
-deprecated TorchScript-based exporter for old runtimes.
+ONNX uses the ``torch.export``-based exporter (``dynamo=True``, whose lowest opset is 18); a lower ``opset``
+falls back to the deprecated TorchScript-based exporter, for old runtimes. INT8 is ONNX Runtime static
+quantization (QDQ, uint8 activations calibrated on real images, int8 weights per output channel); it changes the
+numbers, so :func:`agreement` measures how far from float32 it lands on images not used for calibration.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
 import json
+import random
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
+from torchmetrics.functional.classification import binary_f1_score, multiclass_accuracy
 
-#: Lowest opset the torch.export-based ONNX exporter implements; below it the TorchScript-based one is used.
-DYNAMO_MIN_OPSET = 18
+from covid_lightning import __version__
+from covid_lightning.errors import UserError
+from covid_lightning.modules.base import as_xray_module
+
+#: lowest opset of the torch.export-based ONNX exporter (the default); below it the TorchScript-based one is used
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "probs")
-#: Name of the contract inside a TorchScript archive (``torch.jit.load(..., _extra_files=...)``).
+#: name of the contract inside a TorchScript archive (``torch.jit.load(..., _extra_files=...)``)
 TORCHSCRIPT_CONTRACT = "covid_lightning.json"
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+#: how the int8 file is made (recorded in its contract)
+QUANTIZATION = {
+    "method": "onnxruntime.quantization.quantize_static",
+    "format": "QDQ",
+    "activations": "uint8, per tensor, MinMax calibration",
+    "weights": "int8, per output channel",
+}
 
 
 class _Exportable(nn.Module):
-    """The model's network plus its output activation: uint8 images -> (logits, probs)."""
+    """A float32 CPU eval copy of the model's network plus its output activation: uint8 images -> (logits, probs)."""
 
-    def __init__(self, net: nn.Module, kind: str) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
-        self.net = net
-        self.kind = kind
+        self.net = copy.deepcopy(model.net).float().cpu().eval()
+        self.probabilities = model.probabilities  # softmax or sigmoid: the model's own answer
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.net(image).float()
-        probs = logits.softmax(dim=-1) if self.kind == "classifier" else logits.sigmoid()
-        return logits, probs
+        return logits, self.probabilities(logits)
 
 
 class _CheckedInput(nn.Module):
@@ -80,30 +79,16 @@ class _CheckedInput(nn.Module):
         return self.traced(image)
 
 
-def model_kind(model: nn.Module) -> str:
-    """``classifier`` or ``segmenter`` (the model's own answer); TypeError for anything else."""
-    from covid_lightning.modules.base import as_xray_module
-
-    return as_xray_module(model, "export").kind
-
-
 def build_contract(model: nn.Module, checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """What a runtime must feed the exported graph and what it returns (format-independent part)."""
-    from covid_lightning import __version__
-
-    kind = model_kind(model)
-    size = int(model.hparams.image_size)
-    prep = model.preprocess
-    contract: dict[str, Any] = {
-        "kind": kind,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-    }
-    if kind == "classifier":
-        contract["class_names"] = list(model.class_names)
+    """What a runtime must feed the exported graph and what it returns (the format-independent part)."""
+    info = as_xray_module(model, "export").describe()
+    size, prep = info["image_size"], model.preprocess
+    if info["kind"] == "classifier":
+        shape, probs = f"(batch, {len(info['class_names'])})", "softmax(logits), in class_names order"
     else:
-        contract["threshold"] = float(model.threshold)
-    contract |= {
-        "image_size": size,
+        shape, probs = f"(batch, 1, {size}, {size})", "sigmoid(logits); resize bilinearly, then lung where > threshold"
+    return info | {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "input_name": INPUT_NAME,
         "input_shape": ["batch", 3, size, size],
         "input_dtype": "uint8",
@@ -116,39 +101,16 @@ def build_contract(model: nn.Module, checkpoint: str | Path | None = None) -> di
         "std": [float(v) for v in prep["std"]],
         "normalization_in_graph": True,
         "normalization_formula": "(x / 255 - mean) / std per channel, applied inside the graph: feed raw uint8",
-        "outputs": _outputs(kind, size, contract),
+        "outputs": {"logits": f"float32 {shape}: scores", "probs": f"float32 {shape}: {probs}"},
         "covid_lightning_version": __version__,
         "source_checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
         "torch_version": torch.__version__,
     }
-    return contract
-
-
-def _outputs(kind: str, size: int, contract: dict[str, Any]) -> dict[str, str]:
-    if kind == "classifier":
-        n = len(contract["class_names"])
-        return {
-            "logits": f"float32 (batch, {n}): class scores in class_names order",
-            "probs": f"float32 (batch, {n}): softmax(logits), class probabilities in class_names order",
-        }
-    return {
-        "logits": f"float32 (batch, 1, {size}, {size}): lung logits",
-        "probs": f"float32 (batch, 1, {size}, {size}): sigmoid(logits); lung where probs > threshold; "
-        "resize probs bilinearly to the original image size before thresholding",
-    }
-
-
-def _exportable(model: nn.Module) -> tuple[_Exportable, int]:
-    """A float32 CPU eval copy of the network + activation (the caller's model is left untouched)."""
-    kind = model_kind(model)
-    net = copy.deepcopy(model.net).float().cpu().eval()
-    return _Exportable(net, kind).eval(), int(model.hparams.image_size)
 
 
 @contextlib.contextmanager
 def _quiet_tracing() -> Iterator[None]:
-    """Silence what tracing a fixed-size model says by design: the TorchScript deprecation notices (TorchScript
-    is what was asked for) and TracerWarnings about shape checks (the input size is fixed by the graph/guard)."""
+    """Silence what tracing a fixed-size model says by design (TorchScript deprecation, shape TracerWarnings)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated.*", category=FutureWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -158,12 +120,6 @@ def _quiet_tracing() -> Iterator[None]:
 def _example(batch: int, image_size: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
-
-
-def _write_sidecar(path: Path, contract: dict[str, Any]) -> Path:
-    sidecar = sidecar_path(path)
-    sidecar.write_text(json.dumps(contract, indent=2) + "\n")
-    return sidecar
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -177,55 +133,14 @@ def load_contract(path: str | Path) -> dict[str, Any]:
     return json.loads(sidecar_path(path).read_text())
 
 
-def export_onnx(
-    model: nn.Module,
-    path: str | Path,
-    *,
-    opset: int = DEFAULT_OPSET,
-    dynamic_batch: bool = True,
-    checkpoint: str | Path | None = None,
-) -> Path:
-    """Write ``model`` as ONNX (input ``image`` uint8 N x 3 x S x S; outputs ``logits``, ``probs``) + contract.
+def _write_sidecar(path: Path, contract: dict[str, Any]) -> None:
+    sidecar_path(path).write_text(json.dumps(contract, indent=2) + "\n")
 
-    ``dynamic_batch=False`` fixes the batch to 1. ``checkpoint`` is recorded as the source in the contract.
-    Returns the ONNX path; the contract is also in ``<path>.json`` and the model's ``metadata_props``.
-    """
+
+def _save_onnx(proto: Any, path: Path, contract: dict[str, Any]) -> Path:
+    """Write ``proto`` with the contract in its ``metadata_props`` and in the sidecar JSON."""
     import onnx
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper, size = _exportable(model)
-    example = _example(2 if dynamic_batch else 1, size)
-    names = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
-    if opset >= DYNAMO_MIN_OPSET:
-        exporter = "torch.onnx.export(dynamo=True)"
-        dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-        program = torch.onnx.export(
-            wrapper,
-            (example,),
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes,
-            external_data=False,
-            verbose=False,
-            **names,
-        )
-        proto = program.model_proto
-    else:
-        exporter = "torch.onnx.export(dynamo=False)"
-        buffer = io.BytesIO()
-        dynamic_axes = {n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
-        with _quiet_tracing():  # the exporter's own deprecation warning stays visible
-            torch.onnx.export(
-                wrapper, (example,), buffer, dynamo=False, opset_version=opset, dynamic_axes=dynamic_axes, **names
-            )
-        proto = onnx.load_from_string(buffer.getvalue())
-
-    contract = build_contract(model, checkpoint)
-    if not dynamic_batch:
-        contract["input_shape"][0] = 1
-    actual_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    contract |= {"format": "onnx", "file": path.name, "exporter": exporter, "opset": actual_opset}
     props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in contract.items()}
     props["contract"] = json.dumps(contract)
     kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in props]  # the exporter's own, if any
@@ -238,108 +153,201 @@ def export_onnx(
     return path
 
 
-def export_torchscript(model: nn.Module, path: str | Path, *, checkpoint: str | Path | None = None) -> Path:
-    """Write ``model`` as a traced TorchScript archive: ``uint8`` images -> ``(logits, probs)``, + contract.
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    checkpoint: str | Path | None = None,
+) -> Path:
+    """Write ``model`` as ONNX (input ``image``; outputs ``logits``, ``probs``) with its contract.
 
-    Traced with a uint8 example, so the archive accepts uint8 only (a guard rejects float or wrongly sized
-    input). The contract is in ``<path>.json`` and in the archive (``_extra_files``, key
-    :data:`TORCHSCRIPT_CONTRACT`).
+    ``dynamic_batch=False`` fixes the batch to 1; ``checkpoint`` is recorded as the source in the contract.
     """
+    import onnx
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper, size = _exportable(model)
+    contract = build_contract(model, checkpoint)
+    wrapper, size = _Exportable(model).eval(), contract["image_size"]
+    example = _example(2 if dynamic_batch else 1, size)
+    names = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": opset}
+    if opset >= DEFAULT_OPSET:
+        exporter = "torch.onnx.export(dynamo=True)"
+        dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        program = torch.onnx.export(
+            wrapper, (example,), dynamo=True, dynamic_shapes=dynamic, external_data=False, verbose=False, **names
+        )
+        proto = program.model_proto
+    else:
+        exporter = "torch.onnx.export(dynamo=False)"
+        buffer = io.BytesIO()
+        axes = {n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+        with _quiet_tracing():  # the exporter's own deprecation warning stays visible
+            torch.onnx.export(wrapper, (example,), buffer, dynamo=False, dynamic_axes=axes, **names)
+        proto = onnx.load_from_string(buffer.getvalue())
+    if not dynamic_batch:
+        contract["input_shape"][0] = 1
+    actual = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    contract |= {"format": "onnx", "file": path.name, "exporter": exporter, "opset": actual}
+    return _save_onnx(proto, path, contract)
+
+
+def export_torchscript(model: nn.Module, path: str | Path, *, checkpoint: str | Path | None = None) -> Path:
+    """Write ``model`` as a traced TorchScript archive (uint8 only: a guard rejects float or resized input), with
+    its contract in ``<path>.json`` and in the archive (``_extra_files`` key :data:`TORCHSCRIPT_CONTRACT`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     contract = build_contract(model, checkpoint)
     contract |= {"format": "torchscript", "file": path.name, "exporter": "torch.jit.trace"}
     contract["outputs"] = {"tuple": "(logits, probs)", **contract["outputs"]}
-    with _quiet_tracing():
-        with torch.no_grad():
-            traced = torch.jit.trace(wrapper, (_example(2, size),), check_trace=False)
-        scripted = torch.jit.script(_CheckedInput(traced, size))
+    with _quiet_tracing(), torch.no_grad():
+        traced = torch.jit.trace(_Exportable(model).eval(), (_example(2, contract["image_size"]),), check_trace=False)
+        scripted = torch.jit.script(_CheckedInput(traced, contract["image_size"]))
         torch.jit.save(scripted, str(path), _extra_files={TORCHSCRIPT_CONTRACT: json.dumps(contract)})
     _write_sidecar(path, contract)
     return path
 
 
-def main(argv: Sequence[str]) -> int:
-    """``covid-lightning export --ckpt PATH [--out DIR] [--format onnx torchscript] [--opset N]
-    [--quantize int8 --calibrate DIR]``."""
-    parser = argparse.ArgumentParser(
-        prog="covid-lightning export",
-        description="Export a covid-lightning checkpoint to ONNX and/or TorchScript, with its preprocessing "
-        "contract (<file>.json next to each file).",
-    )
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint (.ckpt) of either model kind")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the checkpoint's folder)")
-    parser.add_argument(
-        "--format", nargs="+", choices=list(FORMATS), default=["onnx"], help="formats to write (default: onnx)"
-    )
-    parser.add_argument(
-        "--opset",
-        type=int,
-        default=DEFAULT_OPSET,
-        help=f"ONNX opset (default {DEFAULT_OPSET}; below {DYNAMO_MIN_OPSET} uses the legacy TorchScript-based "
-        "exporter)",
-    )
-    parser.add_argument(
-        "--quantize",
-        choices=["int8"],
-        default=None,
-        help="also write <stem>.int8.onnx (ONNX Runtime static quantization; needs --calibrate)",
-    )
-    parser.add_argument(
-        "--calibrate",
-        type=Path,
-        default=None,
-        help="folder of radiographs (e.g. the dataset root; Kaggle masks skipped) to calibrate and check int8 on",
-    )
-    parser.add_argument("--calibration-images", type=int, default=128, help="images to calibrate on (default 128)")
-    parser.add_argument(
-        "--check-images", type=int, default=64, help="other images to compare int8 with float32 on (default 64)"
-    )
-    args = parser.parse_args(list(argv))
-    if not args.ckpt.is_file():
-        parser.error(f"checkpoint not found: {args.ckpt}")
-    if args.quantize and args.calibrate is None:
-        parser.error("--quantize int8 needs --calibrate DIR: a folder of radiographs to measure activation ranges on")
+# int8 ---------------------------------------------------------------------------------------------------------
+def int8_path(onnx_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx``."""
+    path = Path(onnx_path)
+    return path.with_name(f"{path.stem}.int8{path.suffix}")
 
+
+def calibration_batches(
+    paths: Sequence[Path], image_size: int, count: int = 128, batch: int = 16, seed: int = 0
+) -> list[np.ndarray]:
+    """``count`` images drawn (seeded) from ``paths``, preprocessed as in validation: uint8 ``(N, 3, S, S)`` batches."""
+    from covid_lightning.inference import preprocess
+
+    if not paths:
+        raise UserError("No calibration images: give a folder with PNG/JPEG radiographs.")
+    chosen = random.Random(seed).sample(list(paths), min(count, len(paths)))
+    return [preprocess(chosen[i : i + batch], image_size).numpy() for i in range(0, len(chosen), batch)]
+
+
+def quantize_onnx(
+    onnx_path: str | Path, out_path: str | Path | None, batches: Sequence[np.ndarray], per_channel: bool = True
+) -> Path:
+    """Write the int8 version of an :func:`export_onnx` file (default :func:`int8_path`), calibrated on
+    ``batches``, with the float32 file's contract plus ``quantization``."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{contract["input_name"]: b} for b in batches])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    out = Path(out_path) if out_path is not None else int8_path(onnx_path)
+    contract = load_contract(onnx_path)
+    with tempfile.TemporaryDirectory(prefix="covid_lightning_int8_") as tmp:
+        prepared = str(Path(tmp) / "prepared.onnx")
+        quant_pre_process(str(onnx_path), prepared)  # shape inference + graph clean-up, as ONNX Runtime advises
+        quantize_static(
+            prepared,
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+        )
+    images = sum(len(b) for b in batches)
+    quantization = QUANTIZATION | {"per_channel": per_channel, "calibration_images": images}
+    return _save_onnx(onnx.load(str(out)), out, contract | {"file": out.name, "quantization": quantization})
+
+
+def session(path: str | Path, threads: int | None = None) -> Any:
+    """A CPU ONNX Runtime session (``threads``: intra-op threads, default ONNX Runtime's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def agreement(float_path: str | Path, int8_path_: str | Path, batches: Sequence[np.ndarray]) -> dict[str, Any]:
+    """How the int8 graph's ``probs`` differ from the float32 graph's on ``batches``: ``max_prob_diff``, and
+    ``top1_agreement`` (classifier) or ``mask_dice`` over every pixel (segmenter)."""
+    contract = load_contract(float_path)
+    feeds = [{contract["input_name"]: b} for b in batches]
+    ref, got = (
+        torch.from_numpy(np.concatenate([session(p).run(["probs"], f)[0] for f in feeds]))
+        for p in (float_path, int8_path_)
+    )
+    result: dict[str, Any] = {"images": len(ref), "max_prob_diff": float((ref - got).abs().max())}
+    if contract["kind"] == "classifier":
+        top1 = multiclass_accuracy(got.argmax(1), ref.argmax(1), num_classes=ref.shape[1], average="micro")
+        result["top1_agreement"] = float(top1)
+    else:
+        masks = [(p > contract["threshold"]).long() for p in (got, ref)]
+        result["mask_dice"] = float(binary_f1_score(*masks, zero_division=1))
+    return result
+
+
+# the command ----------------------------------------------------------------------------------------------------
+def export(
+    ckpt: Path,
+    out: Path | None = None,
+    format: list[Literal["onnx", "torchscript"]] = ["onnx"],
+    opset: int = DEFAULT_OPSET,
+    quantize: Literal["int8"] | None = None,
+    calibrate: Path | None = None,
+    calibration_images: int = 128,
+    check_images: int = 64,
+) -> int:
+    """Export a checkpoint to ONNX and/or TorchScript, each with its preprocessing contract (<file>.json).
+
+    Args:
+        ckpt: checkpoint (.ckpt) of either model kind.
+        out: output folder (default: the checkpoint's folder).
+        format: formats to write.
+        opset: ONNX opset (below 18: the legacy TorchScript-based exporter).
+        quantize: also write <stem>.int8.onnx (ONNX Runtime static quantization; needs --calibrate).
+        calibrate: folder of radiographs (e.g. the dataset root) to calibrate int8 on and check it against float32.
+        calibration_images: images to calibrate on.
+        check_images: other images to compare int8 with float32 on.
+    """
+    from covid_lightning.data.scan import list_predict_images
     from covid_lightning.inference import load_checkpoint
 
-    try:
-        model = load_checkpoint(args.ckpt)
-    except TypeError as err:
-        parser.error(str(err))
-    out = args.out if args.out is not None else args.ckpt.parent
-    formats = [*args.format, "onnx"] if args.quantize else args.format
-    for fmt in dict.fromkeys(formats):
-        target = out / f"{args.ckpt.stem}{FORMATS[fmt]}"
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    if quantize and calibrate is None:
+        raise UserError(
+            "--quantize int8 needs --calibrate DIR: a folder of radiographs to measure activation ranges on"
+        )
+    model = load_checkpoint(ckpt)
+    folder = Path(out) if out is not None else ckpt.parent
+    for fmt in dict.fromkeys([*format, "onnx"] if quantize else format):
+        target = folder / f"{ckpt.stem}{FORMATS[fmt]}"
         if fmt == "onnx":
-            written = export_onnx(model, target, opset=args.opset, checkpoint=args.ckpt)
+            written = export_onnx(model, target, opset=opset, checkpoint=ckpt)
         else:
-            written = export_torchscript(model, target, checkpoint=args.ckpt)
-        print(written)
-        print(sidecar_path(written))
-        if fmt == "onnx" and args.quantize:
-            _quantize(written, int(model.hparams.image_size), args)
-    return 0
-
-
-def _quantize(onnx_path: Path, image_size: int, args: argparse.Namespace) -> None:
-    """``--quantize int8``: calibrate on ``--calibration-images`` images of ``--calibrate``, compare with the
-    float32 graph on ``--check-images`` others, print both files and the comparison."""
-    import random
-
-    from covid_lightning.data.scan import list_predict_images
-    from covid_lightning.quantize import agreement, calibration_batches, quantize_onnx
-
-    paths = list_predict_images(args.calibrate)
+            written = export_torchscript(model, target, checkpoint=ckpt)
+        print(written, sidecar_path(written), sep="\n")
+    if not quantize:
+        return 0
+    paths = list_predict_images(calibrate)
     random.Random(0).shuffle(paths)
-    calibration, check = paths[: args.calibration_images], paths[args.calibration_images :][: args.check_images]
-    written = quantize_onnx(onnx_path, None, calibration_batches(calibration, image_size, count=len(calibration)))
-    print(written)
-    print(sidecar_path(written))
+    calibration, check = paths[:calibration_images], paths[calibration_images:][:check_images]
+    size = model.describe()["image_size"]
+    fp32 = folder / f"{ckpt.stem}.onnx"
+    int8 = quantize_onnx(fp32, None, calibration_batches(calibration, size, count=len(calibration)))
+    print(int8, sidecar_path(int8), sep="\n")
     if not check:
         print("int8 vs float32: no images left for the check (the calibration used them all)")
-        return
-    report = agreement(onnx_path, written, calibration_batches(check, image_size, count=len(check)))
+        return 0
+    report = agreement(fp32, int8, calibration_batches(check, size, count=len(check)))
     figures = ", ".join(f"{k} {v:.4g}" for k, v in report.items() if k != "images")
     print(f"int8 vs float32 on {report['images']} images not used for calibration: {figures}")
+    return 0

@@ -1,4 +1,4 @@
-"""Process-level tuning for CPU training and inference."""
+"""Process-level settings: the CPU allocator, bf16 detection, precision per device, cache dirs, usable CPUs."""
 
 from __future__ import annotations
 
@@ -12,36 +12,28 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: glibc ``mallopt`` parameters
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-#: environment variable that forces :func:`cpu_has_fast_bf16` (``0`` or ``1``)
+#: forces :func:`cpu_has_fast_bf16` (``0`` or ``1``)
 FAST_BF16_ENV = "COVID_LIGHTNING_FAST_BF16"
 
 
 def keep_freed_memory() -> bool:
-    """glibc: serve every allocation from the heap and keep freed memory there (``mallopt``: no mmap, trim
-    threshold 1 GiB). By default each tensor above 32 MiB is a fresh ``mmap``, and its pages fault in (are
-    zeroed by the kernel) at every use: on a CPU that can be most of an eager step at the lab's batch sizes.
-    The process keeps its peak memory instead. False where glibc is not the allocator."""
+    """glibc ``mallopt``: no mmap for large tensors, trim threshold 1 GiB, so freed memory is reused instead of
+    fresh pages faulting in at every step (the process keeps its peak memory). False without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_MAX, M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
 
 
 def tune_cpu_allocator() -> bool:
-    """:func:`keep_freed_memory` unless ``COVID_LIGHTNING_MALLOC=default`` (measured: up to ~2x faster eager
-    CPU steps at the lab's batch sizes, at the cost of keeping the peak memory)."""
-    if os.environ.get("COVID_LIGHTNING_MALLOC", "heap") == "default":
-        return False
-    return keep_freed_memory()
+    """:func:`keep_freed_memory` unless ``COVID_LIGHTNING_MALLOC=default``."""
+    return os.environ.get("COVID_LIGHTNING_MALLOC", "heap") != "default" and keep_freed_memory()
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16/AMX); without them a bf16
-    convolution is many times slower than float32. ``COVID_LIGHTNING_FAST_BF16=0|1`` overrides the
-    detection (to run the suite as another CPU kind would)."""
+    """Whether oneDNN has native bfloat16 kernels on this CPU (else bf16 convolutions are many times slower);
+    ``COVID_LIGHTNING_FAST_BF16=0|1`` overrides the detection."""
     forced = os.environ.get(FAST_BF16_ENV, "").strip().lower()
     if forced in ("0", "1", "false", "true", "no", "yes"):
         return forced in ("1", "true", "yes")
@@ -52,12 +44,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def device_precision(precision: Any, accelerator: Any) -> Any:
-    """Mixed precision suited to the device that will train.
-
-    ``16-mixed`` (float16 AMP) is a GPU feature: on the CPU it becomes ``bf16-mixed`` where the CPU has
-    native bfloat16 kernels, else ``32-true``. An explicit ``bf16-mixed`` on a CPU without them is kept,
-    with a warning. One config then serves every machine.
-    """
+    """One config for every machine: on a CPU, ``16-mixed`` (a GPU feature) becomes ``bf16-mixed`` where the
+    CPU has native bf16 kernels, else ``32-true``; an explicit ``bf16-mixed`` without them is kept, with a warning."""
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
     if not on_cpu:
         return precision
@@ -72,10 +60,8 @@ def device_precision(precision: Any, accelerator: Any) -> Any:
 
 
 def cache_dir(*parts: str) -> Path:
-    """``$XDG_CACHE_HOME/covid_lightning/<parts>`` (``~/.cache/covid_lightning/...`` by default): the one place
-    every cache of the package (inspections, decoded images, lung masks, the demo data) lives under."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base.joinpath("covid_lightning", *parts)
+    """``$XDG_CACHE_HOME/covid_lightning/<parts>`` (``~/.cache/...`` by default): every cache of the package."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").joinpath("covid_lightning", *parts)
 
 
 def usable_cpus() -> int:

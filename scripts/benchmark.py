@@ -47,7 +47,7 @@ Sections:
     mixed precision asked for, ``torch.compile`` (``--compile``; compile time in ``setup s``), ONNX Runtime
     on the graph :func:`covid_lightning.export.export_onnx` writes (export time in ``setup s``; intra-op
     threads = torch's; on CUDA it is fed from host memory, the eager rows from the GPU), and its int8 version
-    (:mod:`covid_lightning.quantize`; calibrated on the timed batch, so a speed figure only: what int8 costs
+    (:mod:`covid_lightning.export`; calibrated on the timed batch, so a speed figure only: what int8 costs
     in accuracy is measured per model by ``scripts/quantize_eval.py``).
 ``GFLOP/s`` and ``% matmul`` (train and infer)
     The model's convolution and matmul FLOPs (``torch.utils.flop_counter`` on one forward pass; a training
@@ -1176,7 +1176,7 @@ def _ort_session(path: Path, settings: Settings) -> Any:
 def onnx_rows(model: str, images: torch.Tensor, settings: Settings) -> list[Row]:
     """ONNX Runtime on :func:`covid_lightning.export.export_onnx`'s graph (intra-op threads = torch's), fed the
     uint8 batch from host memory (``setup_s``: the export), then its int8 version
-    (:mod:`covid_lightning.quantize`, calibrated on the timed batch: a speed figure only; ``setup_s``: the
+    (:mod:`covid_lightning.export`, calibrated on the timed batch: a speed figure only; ``setup_s``: the
     quantization). Accuracy of int8 is a model's question: ``scripts/quantize_eval.py``."""
     batch, size = images.shape[0], images.shape[-1]
     try:
@@ -1186,8 +1186,7 @@ def onnx_rows(model: str, images: torch.Tensor, settings: Settings) -> list[Row]
             _infer_row(model, "onnxruntime", "-", "32-true", batch, size, Timing([float("nan")]))
             | {"note": f"skipped: {err}"}
         ]
-    from covid_lightning.export import export_onnx
-    from covid_lightning.quantize import quantize_onnx
+    from covid_lightning.export import export_onnx, quantize_onnx
 
     feed = {"image": images.cpu().contiguous().numpy()}
     rows = []

@@ -1,4 +1,5 @@
-"""scripts/ablate.py: rows x seeds on one split, held-out test metrics, mean ± std tables."""
+"""scripts/ablate.py, the experiment runner: rows x seeds on one split, held-out metrics, mean ± std tables;
+the lab's regime comparison is one of its tables."""
 
 from __future__ import annotations
 
@@ -8,21 +9,36 @@ from pathlib import Path
 import pytest
 import yaml
 
-from covid_lightning.ablate import Row, Run, load_rows, main, read_runs, summarize, write_outputs
+from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
+ablate = load_script("ablate")
+Row, Run = ablate.Row, ablate.Run
+
+
+def _runs_csv(out: Path) -> list[dict[str, str]]:
+    with (out / "runs.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_summarize_is_mean_and_sample_std_over_seeds():
-    runs = [Run("a", 0, {"test/acc": 0.9}, 10.0, 1, "x"), Run("a", 1, {"test/acc": 0.8}, 20.0, 2, "y")]
-    (cells,) = summarize(runs, [Row("a")], ["test/acc"])
-    assert cells == ["a", "0.850 ± 0.071", "15 ± 7", "2"]
+    runs = [Run("a", 0, {"test/acc": 0.9}, 10.0, 1, "x", "5"), Run("a", 1, {"test/acc": 0.8}, 20.0, 2, "y", "5")]
+    (cells,) = ablate.summarize(runs, [Row("a")], ["test/acc"])
+    assert list(cells.values()) == ["a", "5", "0.850 ± 0.071", "15 ± 7", "2 ± 1", "2"]
 
 
-@pytest.mark.parametrize("name", ["classification", "segmentation"])
+@pytest.mark.parametrize("name", ["classification", "segmentation", "regimes"])
 def test_shipped_rows_load(name: str):
-    rows = load_rows(REPO / "scripts" / "ablations" / f"{name}.yaml")
-    assert len(rows) >= 3 and rows[0].args == []  # the recipe as is comes first
+    rows = ablate.load_rows(REPO / "scripts" / "ablations" / f"{name}.yaml")
+    assert len(rows) >= 3
+    if name == "regimes":
+        assert [r.name for r in rows] == ["head", "last_conv", "last_2_conv", "all", "staged"]
+        assert rows[1].args == ["--model.trainable", "last_conv"]
+        staged = rows[-1].args
+        assert staged[:2] == ["--model.trainable", "head"] and "StagedUnfreeze" in staged[2]
+        assert '"unfreeze_at_epoch": 3' in staged[2]
+    else:
+        assert rows[0].args == []  # the recipe as is comes first
 
 
 def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
@@ -39,10 +55,9 @@ def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
     args = ["--config", str(REPO / "configs/demo/classification.yaml"), "--rows", str(rows), "--seeds", "0", "1"]
     args += ["--out", str(out), "--data.root", str(demo_root), "--data.image_size", "64", "--data.num_workers", "0"]
     args += ["--data.test_fraction", "0.25", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
-    assert main(args) == 0
+    assert ablate.main(args) == 0
 
-    with (out / "runs.csv").open() as f:
-        runs = list(csv.DictReader(f))
+    runs = _runs_csv(out)
     assert [(r["row"], r["seed"]) for r in runs] == [
         ("whole film", "0"),
         ("whole film", "1"),
@@ -59,16 +74,70 @@ def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
     assert "| whole film | " in table and "| lungs only | " in table and " ± " in table
 
 
+def test_regime_table_on_demo_data(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = tmp_path / "rows.yaml"
+    regimes = yaml.safe_load((REPO / "scripts/ablations/regimes.yaml").read_text())
+    rows.write_text(yaml.safe_dump(regimes[:2]))  # head, last_conv
+    out = tmp_path / "compare"
+    argv = [
+        "--config", str(REPO / "configs/classification/head_only.yaml"),
+        "--rows", str(rows), "--seeds", "0", "--out", str(out),
+        "--keys", "train/acc", "val/acc", "train/loss", "val/loss",
+        # passed through to every run
+        "--data.root", str(demo_root),
+        "--trainer.max_epochs", "1",
+        "--model.pretrained", "false",
+        "--data.image_size", "32",
+        "--data.num_workers", "0",
+        "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    assert ablate.main(argv) == 0
+    header = (
+        "| row | trainable params | train/acc | val/acc | train/loss | val/loss | train time (s) | best epoch | seeds |"
+    )
+    assert header in capsys.readouterr().out
+
+    rows = {r["row"]: r for r in _runs_csv(out)}
+    assert list(rows) == ["head", "last_conv"]
+    assert rows["head"]["trainable params"] == "1,838,596"
+    assert rows["last_conv"]["trainable params"] == "2,045,956"
+    for r in rows.values():
+        assert r["best_epoch"] == "0" and float(r["train_time_s"]) > 0
+        for col in ("train/acc", "val/acc", "train/loss", "val/loss"):
+            assert r[col] != "", col
+        assert 0 <= float(r["val/acc"]) <= 1
+    md = (out / "ablation.md").read_text()
+    assert "| head | 1,838,596 |" in md and "| last_conv | 2,045,956 |" in md
+
+    # identical split: the second run read the first run's manifest
+    first, second = Path(rows["head"]["log_dir"]), Path(rows["last_conv"]["log_dir"])
+    assert first == out / "head" / "seed0" and second == out / "last_conv" / "seed0"
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    assert config["data"]["init_args"]["split_file"] == str(first / "split.csv")
+    assert config["model"]["init_args"]["trainable"] == "last_conv"
+    assert (first / "split.csv").read_text() == (second / "split.csv").read_text()
+
+
+def test_staged_row_on_a_staged_config_is_refused(tmp_path: Path):
+    rows = tmp_path / "rows.yaml"
+    rows.write_text(yaml.safe_dump(yaml.safe_load((REPO / "scripts/ablations/regimes.yaml").read_text())[-1:]))
+    argv = ["--config", str(REPO / "configs/classification/staged_unfreeze.yaml"), "--rows", str(rows)]
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `StagedUnfreeze`"):  # Lightning's
+        ablate.main([*argv, "--out", str(tmp_path / "out"), "--model.pretrained", "false"])
+
+
 def test_summarize_rerenders_the_table_from_runs_csv(tmp_path: Path):
     rows_file = tmp_path / "rows.yaml"
-    rows_file.write_text(yaml.safe_dump([{"name": "a"}, {"name": "b", "args": ["--x", "1"]}]))
+    rows_file.write_text(
+        yaml.safe_dump([{"name": "a"}, {"name": "b", "args": ["--x", "1"]}, {"name": "c", "config": "other.yaml"}])
+    )
     keys = ["test/acc", "test/acc_covid_vs_normal", "test/f1_macro", "val/acc"]
-    runs = [Run(n, s, {k: 0.5 + 0.1 * s for k in keys}, 10.0 + s, 3, f"d/{n}{s}") for n in "ab" for s in (0, 1)]
+    runs = [Run(n, s, {k: 0.5 + 0.1 * s for k in keys}, 10.0 + s, 3, f"d/{n}{s}", "7") for n in "abc" for s in (0, 1)]
     out = tmp_path / "out"
-    first = write_outputs(runs, load_rows(rows_file), keys, out, "T").read_text()
-    assert read_runs(out / "runs.csv", keys) == runs
+    first = ablate.write_outputs(runs, ablate.load_rows(rows_file), keys, out, "T").read_text()
+    assert ablate.read_runs(out / "runs.csv") == (runs, keys)
     (out / "ablation.md").unlink()
-    args = ["--config", "c.yaml", "--rows", str(rows_file), "--out", str(out), "--task", "classification"]
-    assert main([*args, "--title", "T", "--summarize"]) == 0
+    assert ablate.main(["--rows", str(rows_file), "--out", str(out), "--title", "T", "--summarize"]) == 0
     assert (out / "ablation.md").read_text() == first
-    assert "| b | 0.550 ± 0.071 |" in first
+    assert "| b | 7 | 0.550 ± 0.071 |" in first and "- **c**: `--config other.yaml`" in first

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from covid_lightning import download as dl
+from covid_lightning.cli import main
 from covid_lightning.data.scan import CLASSES, DATASET_DIRNAME
 from tests.helpers.silent_server import SilentServer
 
@@ -43,7 +44,7 @@ def full_fake(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def small(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Make ``main`` expect the small counts."""
+    """Make the command expect the small counts."""
     monkeypatch.setattr(dl, "EXPECTED_COUNTS", dict(SMALL))
     return SMALL
 
@@ -144,7 +145,7 @@ def test_verify_no_dataset(tmp_path: Path) -> None:
 def test_verify_only_real_counts_prints_data_root(
     full_fake: Path, no_download: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert dl.main([str(full_fake), "--verify-only"]) == 0
+    assert main(["download", "--dest", str(full_fake), "--verify_only", "true"]) == 0
     out = capsys.readouterr().out
     assert "Layout OK." in out
     assert f"Use: --data.root {full_fake.absolute() / DATASET_DIRNAME}" in out
@@ -155,7 +156,7 @@ def test_verify_only_dataset_folder_itself(
     tmp_path: Path, small: dict[str, int], no_download: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = make_fake(tmp_path, SMALL)
-    assert dl.main([str(base), "--verify-only"]) == 0
+    assert main(["download", "--dest", str(base), "--verify_only", "true"]) == 0
     assert f"Use: --data.root {base.absolute()}" in capsys.readouterr().out
 
 
@@ -163,7 +164,7 @@ def test_verify_only_mismatch_exit_1(
     tmp_path: Path, small: dict[str, int], no_download: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_fake(tmp_path, {**SMALL, "COVID": 2})
-    assert dl.main([str(tmp_path), "--verify-only"]) == 1
+    assert main(["download", "--dest", str(tmp_path), "--verify_only", "true"]) == 1
     out = capsys.readouterr().out
     assert "The layout differs" in out and "COVID: 2 images, expected 3 (-1)" in out
 
@@ -171,7 +172,7 @@ def test_verify_only_mismatch_exit_1(
 def test_verify_only_nothing_there_exit_1(
     tmp_path: Path, no_download: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert dl.main([str(tmp_path / "data"), "--verify-only"]) == 1
+    assert main(["download", "--dest", str(tmp_path / "data"), "--verify_only", "true"]) == 1
     captured = capsys.readouterr()
     assert "No dataset found" in captured.out and dl.DATASET_URL in captured.err
 
@@ -188,7 +189,7 @@ def _check_manual_steps(message: str, dest: Path) -> None:
         "kagglehub.login()",
         f"unzip archive.zip -d {dest}",
         str(dest / DATASET_DIRNAME / "COVID" / "images"),
-        f"covid-lightning download {dest} --verify-only",
+        f"covid-lightning download --dest {dest} --verify_only true",
     ):
         assert needle in message, needle
 
@@ -211,7 +212,7 @@ def test_offline_fails_fast_with_manual_steps(
     monkeypatch.setattr(kagglehub, "dataset_download", never)
     dest = tmp_path / "data"
     start = time.perf_counter()
-    assert dl.main([str(dest)]) == 2
+    assert main(["download", "--dest", str(dest)]) == 2
     assert time.perf_counter() - start < 15
     assert calls == [("https://www.kaggle.com", 5.0)]
     err = capsys.readouterr().err
@@ -232,7 +233,7 @@ def test_offline_real_probe_is_fast(
     monkeypatch.setattr(dl, "KAGGLE_URL", "https://127.0.0.1:9")
     monkeypatch.setattr(kagglehub, "dataset_download", fail)
     start = time.perf_counter()
-    assert dl.main([str(tmp_path / "data"), "--timeout", "2"]) == 2
+    assert main(["download", "--dest", str(tmp_path / "data"), "--timeout", "2"]) == 2
     assert time.perf_counter() - start < 15
     _check_manual_steps(capsys.readouterr().err, tmp_path / "data")
 
@@ -257,7 +258,7 @@ def test_silent_kaggle_fails_with_manual_steps(
         monkeypatch.setattr(dl, "KAGGLE_URL", server.url)
         start = time.perf_counter()
         with pytest.raises(dl.DownloadError) as err:
-            dl.download(dest, probe_timeout=2.0, read_timeout=2.0)
+            dl.fetch(dest, probe_timeout=2.0, read_timeout=2.0)
         elapsed = time.perf_counter() - start
         assert server.connections, "kagglehub never reached the silent server"
     assert elapsed < 30, elapsed
@@ -302,7 +303,7 @@ def test_kagglehub_errors_are_wrapped(
     monkeypatch.setattr(dl, "host_reachable", lambda url, timeout: (True, "www.kaggle.com:443"))
     monkeypatch.setattr(kagglehub, "dataset_download", raise_it)
     dest = tmp_path / "data"
-    assert dl.main([str(dest)]) == 2
+    assert main(["download", "--dest", str(dest)]) == 2
     err = capsys.readouterr().err
     assert f"kagglehub could not download {dl.KAGGLE_HANDLE}: {type(exc).__name__}" in err
     assert explanation in err
@@ -325,7 +326,7 @@ def test_download_into_empty_dest(
     monkeypatch.setattr(dl, "host_reachable", lambda url, timeout: (True, "www.kaggle.com:443"))
     monkeypatch.setattr(kagglehub, "dataset_download", fake_download)
     dest = tmp_path / "data"
-    assert dl.main([str(dest)]) == 0
+    assert main(["download", "--dest", str(dest)]) == 0
     assert seen == {"handle": dl.KAGGLE_HANDLE, "path": None, "output_dir": str(dest)}
     out = capsys.readouterr().out
     assert "Layout OK." in out and f"Use: --data.root {dest.absolute() / DATASET_DIRNAME}" in out
@@ -348,7 +349,7 @@ def test_download_non_empty_dest_links_from_cache(
     dest = tmp_path / "data"
     dest.mkdir()
     (dest / "notes.txt").write_text("keep me")
-    assert dl.main([str(dest)]) == 0
+    assert main(["download", "--dest", str(dest)]) == 0
     assert (dest / "notes.txt").read_text() == "keep me"
     linked = dest / DATASET_DIRNAME
     assert linked.is_symlink() and linked.resolve() == (cache / DATASET_DIRNAME).resolve()
@@ -359,7 +360,7 @@ def test_already_downloaded_needs_no_network(
     tmp_path: Path, small: dict[str, int], no_download: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     make_fake(tmp_path, SMALL)
-    assert dl.main([str(tmp_path)]) == 0
+    assert main(["download", "--dest", str(tmp_path)]) == 0
     assert "Already downloaded" in capsys.readouterr().out
 
 
@@ -374,5 +375,5 @@ def test_download_then_mismatch_exit_1(
 
     monkeypatch.setattr(dl, "host_reachable", lambda url, timeout: (True, "www.kaggle.com:443"))
     monkeypatch.setattr(kagglehub, "dataset_download", fake_download)
-    assert dl.main([str(tmp_path / "data")]) == 1
+    assert main(["download", "--dest", str(tmp_path / "data")]) == 1
     assert "Lung_Opacity: 3 images, expected 4 (-1)" in capsys.readouterr().out

@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from covid_lightning import __version__
-from covid_lightning.export import (
-    TORCHSCRIPT_CONTRACT,
-    export_onnx,
-    export_torchscript,
-    load_contract,
-    main,
-    sidecar_path,
-)
+from covid_lightning.cli import main
+from covid_lightning.export import TORCHSCRIPT_CONTRACT, export_onnx, export_torchscript, load_contract, sidecar_path
 from covid_lightning.inference import load_checkpoint, preprocess
 
 onnx = pytest.importorskip("onnx")
@@ -179,7 +173,7 @@ def test_old_opset_and_static_batch(segmenter_ckpt: Path, tmp_path: Path) -> Non
 
 def test_main_writes_the_files(segmenter_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["--ckpt", str(segmenter_ckpt), "--out", str(out), "--format", "onnx", "torchscript"]) == 0
+    assert main(["export", str(segmenter_ckpt), "--out", str(out), "--format", "[onnx, torchscript]"]) == 0
     stem = segmenter_ckpt.stem
     expected = [out / f"{stem}.onnx", out / f"{stem}.onnx.json", out / f"{stem}.pt", out / f"{stem}.pt.json"]
     assert capsys.readouterr().out.split() == [str(p) for p in expected]
@@ -188,12 +182,10 @@ def test_main_writes_the_files(segmenter_ckpt: Path, tmp_path: Path, capsys: pyt
 
     # default: ONNX only, next to the checkpoint
     ckpt = shutil.copy(segmenter_ckpt, tmp_path / "seg.ckpt")
-    assert main(["--ckpt", str(ckpt)]) == 0
+    assert main(["export", str(ckpt)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "seg.ckpt", "seg.onnx", "seg.onnx.json"]
 
 
 def test_main_rejects_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["--ckpt", str(tmp_path / "nope.ckpt")])
-    assert exc.value.code == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope.ckpt")]) == 2
+    assert "error: checkpoint not found" in capsys.readouterr().err

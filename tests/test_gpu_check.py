@@ -58,7 +58,7 @@ def test_the_gpu_commands_parse(tmp_path: Path, capsys):
         benchmark.parse_settings([a if a != "cuda" else "cpu" for a in bench_args])
     for name in ("ddp", "recipe"):
         command = steps[name].command
-        args = command[command.index("fit"):]
+        args = command[command.index("fit") :]
         with pytest.raises(SystemExit) as exit_info:
             build_cli([*args, "--print_config"])
         assert exit_info.value.code in (0, None), name

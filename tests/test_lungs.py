@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from covid_lightning import lungs
+from covid_lightning.cli import main
 from covid_lightning.data.roi import LungRoi, roi_mask_name
 from covid_lightning.inference import load_checkpoint, segment
-from covid_lightning.lungs import attach_lung_masks, checkpoint_key, main, predict_lung_masks
+from covid_lightning.lungs import attach_lung_masks, checkpoint_key, predict_lung_masks
 from covid_lightning.modules.segmenter import LungSegmenter
 
 
@@ -106,11 +107,11 @@ def test_second_call_decodes_nothing_and_changed_images_are_recomputed(
 
 def test_main_prints_the_folder(segmenter_ckpt: Path, images: list[Path], tmp_path: Path, capsys) -> None:
     root = images[0].parents[1]
-    assert main(["--ckpt", str(segmenter_ckpt), "--root", str(root), "--out", str(tmp_path / "c")]) == 0
+    assert main(["lungmasks", str(segmenter_ckpt), str(root), "--out", str(tmp_path / "c")]) == 0
     folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert folder == tmp_path / "c" / checkpoint_key(segmenter_ckpt)
     assert len(list(folder.glob("*.png"))) == len(images)
-    assert main(["--ckpt", str(segmenter_ckpt), "--root", str(tmp_path / "nowhere")]) == 2
+    assert main(["lungmasks", str(segmenter_ckpt), str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
 
 
@@ -123,7 +124,7 @@ def test_attach_lung_masks_covers_the_dataset(
     dm = RadiographyDataModule(root=str(demo_root), image_size=64, predict_root=str(images[0].parents[1]))
     folder = attach_lung_masks(dm, segmenter_ckpt, cache_root=tmp_path / "cache", stage="fit")
     assert dm.hparams.lung_masks == str(folder)
-    records = scan_dataset(demo_root, check_files=False)
+    records = scan_dataset(demo_root)
     assert {p.name for p in folder.glob("*.png")} == {roi_mask_name(r.path) for r in records}  # no GT masks
     attach_lung_masks(dm, segmenter_ckpt, cache_root=tmp_path / "cache", stage="predict")
     assert len(list(folder.glob("*.png"))) == len(records) + len(images)

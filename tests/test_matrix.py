@@ -5,7 +5,7 @@ runs (0 on success, 2 for a user error), at tiny settings (32 px, batch 4, one b
 session's demo data (8 images + masks per class). The grid:
 
 * ``test_fit``: every config in ``configs/`` (``configs/trainer/`` is combined separately) x every data source:
-  files (``--data.root``), ``--data.streaming`` (a LitData dataset from ``optimize_dataset``, masks included),
+  files (``--data.root``), ``--data.streaming`` (a LitData dataset from ``optimize``, masks included),
   ``--data.cache_images memory|disk`` and ``--data.lung_segmenter`` (classification; a segmentation config
   refuses it at start, exit 2, one message);
 * ``test_validate``/``test_test``/``test_predict``/``test_resume``: every config on the files source, with the
@@ -134,10 +134,10 @@ def _module_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def stream(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo data as one LitData dataset (images + masks): it serves both kinds of config."""
-    from covid_lightning.data.streaming import optimize_dataset
+    from covid_lightning.data.streaming import optimize, read_meta
 
     out = tmp_path_factory.mktemp("matrix_stream") / "demo"
-    assert optimize_dataset(demo_root, out, **SPLIT) == {"train": 16, "val": 8, "test": 8}
+    assert optimize(demo_root, out, **SPLIT) == 0 and read_meta(out)["counts"] == {"train": 16, "val": 8, "test": 8}
     return out
 
 
@@ -220,8 +220,18 @@ def test_fit(config: str, source: str, source_args, fitted, stream: Path, tmp_pa
         assert not (root / run_name(config)).exists() and lung_masks() == before
         if "--data.cache_images none" not in err:
             return
-        code = cli("fit", "--config", str(REPO / config), *offline(config), *source_args(source), *TINY,
-                   "--trainer.default_root_dir", str(root), "--data.cache_images", "none")  # what the message says
+        code = cli(
+            "fit",
+            "--config",
+            str(REPO / config),
+            *offline(config),
+            *source_args(source),
+            *TINY,
+            "--trainer.default_root_dir",
+            str(root),
+            "--data.cache_images",
+            "none",
+        )  # what the message says
         out, err = capsys.readouterr()
         assert code == 0, err[-3000:]
     assert code == 0, err[-3000:]
@@ -355,7 +365,9 @@ PRECISIONS = [  # (--trainer.precision, COVID_LIGHTNING_FAST_BF16, what the CPU 
 
 
 PRECISION_CONFIGS = [
-    "configs/demo/classification.yaml", "configs/demo/segmentation.yaml", "configs/classification/last_conv.yaml"
+    "configs/demo/classification.yaml",
+    "configs/demo/segmentation.yaml",
+    "configs/classification/last_conv.yaml",
 ]
 
 
@@ -417,7 +429,7 @@ def test_two_process_ddp_on_a_stream_with_the_prefix_cached(stream: Path, tmp_pa
 REFUSALS = {  # case: the message of its one error paragraph
     "predict without predict_root": "error: predict needs data.predict_root",
     "test without a test split": "error: No test split: set data.test_fraction > 0",
-    "test on a stream without a test split": "has no test split: optimize it with --test-fraction > 0",
+    "test on a stream without a test split": "has no test split: optimize it with --test_fraction > 0",
     "lung_segmenter on a stream": "error: data.lung_segmenter cannot be combined with data.streaming",
     "lung_segmenter with cache_images disk": "error: data.cache_images disk cannot be combined with data.lung_",
 }
@@ -435,9 +447,9 @@ def test_refused_at_start(case: str, demo_root: Path, classifier_ckpt: Path, str
     elif case == "test without a test split":
         code = cli("test", *config, *files, *ckpt)
     elif case == "test on a stream without a test split":
-        from covid_lightning.data.streaming import optimize_dataset
+        from covid_lightning.data.streaming import optimize
 
-        optimize_dataset(demo_root, tmp_path / "no_test", val_fraction=0.25)
+        optimize(demo_root, tmp_path / "no_test", val_fraction=0.25)
         code = cli("test", *config, "--data.streaming", str(tmp_path / "no_test"), *ckpt)
     elif case == "lung_segmenter on a stream":
         code = cli("fit", *config, "--data.streaming", str(stream), *segmenter)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +11,7 @@ from PIL import Image
 
 from covid_lightning import RadiographyDataModule, XRayClassifier
 from covid_lightning.plotting import best_epoch, find_metrics_csv, plot_curves, read_epoch_metrics, run_kind
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +88,6 @@ def test_plot_curves_errors(tmp_path: Path):
 
 
 def test_script(classifier_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
-    spec = importlib.util.spec_from_file_location("plot_curves_script", REPO / "scripts" / "plot_curves.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main([str(classifier_run / "metrics.csv"), "--out", str(tmp_path / "x.png")]) == 0
+    assert load_script("plot_curves").main([str(classifier_run / "metrics.csv"), "--out", str(tmp_path / "x.png")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "x.png")
     _png_size(tmp_path / "x.png")

@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from covid_lightning.cli import main
 from covid_lightning.data.scan import list_predict_images
-from covid_lightning.export import export_onnx, load_contract, main
-from covid_lightning.inference import load_checkpoint
-from covid_lightning.quantize import (
+from covid_lightning.export import (
     agreement,
     calibration_batches,
+    export_onnx,
     int8_path,
-    labelled_scores,
-    load_batch,
+    load_contract,
     quantize_onnx,
     session,
-    throughput,
 )
+from covid_lightning.inference import load_checkpoint, preprocess
+from tests.helpers.scripts import load_script
+
+quantize_eval = load_script("quantize_eval")
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
@@ -58,14 +60,14 @@ def test_int8_graph_carries_the_contract(quantized) -> None:
 
 def test_int8_stays_close_to_float32(quantized) -> None:
     kind, _, fp32, int8, paths = quantized
-    batch = load_batch(paths[-8:], load_contract(fp32)["image_size"])
+    batch = preprocess(paths[-8:], load_contract(fp32)["image_size"]).numpy()
     same = agreement(fp32, fp32, [batch])
     assert same["max_prob_diff"] == 0.0 and same.get("top1_agreement", same.get("mask_dice")) == 1.0
     a, b = (session(p).run(["probs"], {"image": batch})[0] for p in (fp32, int8))
     assert a.shape == b.shape and float(np.abs(a - b).mean()) < 0.05  # a broken scale/zero point is far off
     report = agreement(fp32, int8, [batch])
     assert report["images"] == 8 and 0 <= report["max_prob_diff"] <= 1
-    assert throughput(int8, batch, repeats=2, threads=1) > 0
+    assert quantize_eval.throughput(int8, batch, repeats=2, threads=1) > 0
 
 
 def test_labelled_scores_match_pytorch(quantized, demo_root: Path) -> None:
@@ -75,10 +77,10 @@ def test_labelled_scores_match_pytorch(quantized, demo_root: Path) -> None:
     kind, model, fp32, _, _ = quantized
     records = scan_dataset(demo_root, with_masks=kind == "segmenter")[::3]
     size = int(model.hparams.image_size)
-    images = torch.from_numpy(load_batch([r.path for r in records], size))
+    images = preprocess([r.path for r in records], size)
     with torch.no_grad():
         logits = model(images).float()
-    scores = labelled_scores(fp32, records, batch=5)
+    scores = quantize_eval.labelled_scores(fp32, records, batch=5)
     if kind == "classifier":
         expected = (logits.argmax(1) == torch.tensor([r.label for r in records])).float().mean().item()
         assert scores["accuracy"] == pytest.approx(expected)
@@ -95,7 +97,7 @@ def test_labelled_scores_match_pytorch(quantized, demo_root: Path) -> None:
     fp32 = fp32.with_name("median_threshold.onnx")
     fp32.write_bytes(quantized[2].read_bytes())
     fp32.with_name(fp32.name + ".json").write_text(json.dumps(contract))
-    scores = labelled_scores(fp32, records, batch=5)
+    scores = quantize_eval.labelled_scores(fp32, records, batch=5)
     pred = probs > threshold
     truth = torch.from_numpy(
         np.stack([cv2.resize(load_mask(r.mask_path), (size, size), interpolation=cv2.INTER_NEAREST) for r in records])
@@ -106,11 +108,9 @@ def test_labelled_scores_match_pytorch(quantized, demo_root: Path) -> None:
 
 
 def test_export_cli_quantizes(segmenter_ckpt: Path, demo_root: Path, tmp_path: Path, capsys) -> None:
-    argv = ["--ckpt", str(segmenter_ckpt), "--out", str(tmp_path), "--quantize", "int8"]
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2 and "--calibrate" in capsys.readouterr().err
-    assert main([*argv, "--calibrate", str(demo_root), "--calibration-images", "8", "--check-images", "4"]) == 0
+    argv = ["export", str(segmenter_ckpt), "--out", str(tmp_path), "--quantize", "int8"]
+    assert main(argv) == 2 and "--calibrate" in capsys.readouterr().err
+    assert main([*argv, "--calibrate", str(demo_root), "--calibration_images", "8", "--check_images", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     stem = segmenter_ckpt.stem
     assert lines[:4] == [str(tmp_path / f"{stem}{s}") for s in (".onnx", ".onnx.json", ".int8.onnx", ".int8.onnx.json")]

@@ -17,17 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from fastapi import HTTPException
 from PIL import Image
 
 from covid_lightning import CLASSES, __version__
+from covid_lightning.cli import main
 from covid_lightning.inference import classify, load_checkpoint, segment
-from covid_lightning.serve import XRayAPI, build_parser, decode_image, image_bytes_from_json, main, model_info
+from covid_lightning.serve import XRayAPI, decode_image, image_bytes_from_json, model_info
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 1_000_000
 START_TIMEOUT_S = 240  # a cold start imports torch twice (server + spawned worker); shared CPUs are slow
-SERVER_ARGS = ["--accelerator", "cpu", "--max-batch-size", "8", "--batch-timeout", "0.01", "--log-level", "warning"]
+SERVER_ARGS = ["--accelerator", "cpu", "--max_batch_size", "8", "--batch_timeout", "0.01", "--log_level", "warning"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -62,12 +64,12 @@ def _get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
 
 
 class Server:
-    """``python -m covid_lightning.serve`` in its own process group, on a free loopback port."""
+    """``python -m covid_lightning serve CKPT`` in its own process group, on a free loopback port."""
 
     def __init__(self, ckpt: Path, log: Path, *extra: str) -> None:
         self.port = _free_port()
         self.log = log
-        cmd = [sys.executable, "-m", "covid_lightning.serve", "--ckpt", str(ckpt), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "covid_lightning", "serve", str(ckpt), "--port", str(self.port)]
         with open(log, "wb") as out:  # a file, not a pipe nobody reads: a full pipe would block the server
             self.proc = subprocess.Popen(
                 [*cmd, *SERVER_ARGS, *extra],
@@ -119,7 +121,7 @@ def servers(classifier_ckpt: Path, segmenter_ckpt: Path, tmp_path_factory: pytes
     """One classifier and one segmenter server for the module, started side by side."""
     folder = tmp_path_factory.mktemp("serve")
     started = {
-        "classifier": Server(classifier_ckpt, folder / "classifier.log", "--max-bytes", str(MAX_BYTES)),
+        "classifier": Server(classifier_ckpt, folder / "classifier.log", "--max_bytes", str(MAX_BYTES)),
         "segmenter": Server(segmenter_ckpt, folder / "segmenter.log"),
     }
     try:
@@ -174,23 +176,24 @@ def odd_images(images: list[Path]) -> dict[str, tuple[bytes, str]]:
 
 
 def test_cli_arguments_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture):
-    args = build_parser().parse_args(["--ckpt", "x.ckpt"])
-    assert (args.host, args.port, args.workers, args.max_batch_size) == ("127.0.0.1", 8000, 1, 8)
-    assert args.batch_timeout == 0.01 and args.max_bytes == 20 * 1024 * 1024 and args.accelerator == "auto"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "x.ckpt", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    args = yaml.safe_load(capsys.readouterr().out)
+    assert (args["host"], args["port"], args["workers"], args["max_batch_size"]) == ("127.0.0.1", 8000, 1, 8)
+    assert args["batch_timeout"] == 0.01 and args["max_bytes"] == 20 * 1024 * 1024 and args["accelerator"] == "auto"
     for argv in (
-        ["--ckpt", str(tmp_path / "missing.ckpt")],
-        ["--ckpt", "x.ckpt", "--host", "localhost"],  # LitServe binds 127.0.0.1, 0.0.0.0 or :: only
-        ["--ckpt", "x.ckpt", "--port", "80"],
-        ["--ckpt", "x.ckpt", "--max-batch-size", "0"],
+        ["x.ckpt", "--host", "localhost"],  # LitServe binds 127.0.0.1, 0.0.0.0 or :: only
+        ["x.ckpt", "--port", "80"],
+        ["x.ckpt", "--max_batch_size", "0"],
     ):
         with pytest.raises(SystemExit) as exit_info:
-            main(argv)
+            main(["serve", *argv])
         assert exit_info.value.code == 2, argv
     (tmp_path / "not.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--ckpt", str(tmp_path / "not.ckpt")])
-    assert exit_info.value.code == 2
-    assert "--ckpt: cannot load" in capsys.readouterr().err
+    for ckpt in (tmp_path / "missing.ckpt", tmp_path / "not.ckpt"):
+        assert main(["serve", str(ckpt)]) == 2
+        assert f"error: serve: cannot load {ckpt}" in capsys.readouterr().err
 
 
 def test_api_single_and_batched_paths_match_classify(classifier_ckpt: Path, images: list[Path]):

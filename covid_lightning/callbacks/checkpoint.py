@@ -10,12 +10,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``monitor``/``mode`` default to what the model says it is judged by.
-
-    The classifier watches ``val/acc``, the segmenter ``val/dice`` (``XRayModule.monitor``), so one
-    callback serves every config; ``save_last`` writes ``last.ckpt`` each epoch for ``--ckpt_path last``.
-    The best file is named ``best-epochNN-<metric>V.VVVV.ckpt``.
-    """
+    """``ModelCheckpoint`` whose ``monitor``/``mode`` default to the model's (``XRayModule.monitor``: ``val/acc``
+    for the classifier, ``val/dice`` for the segmenter), the best file named ``best-epochNN-<metric>V.VVVV.ckpt``,
+    and ``last.ckpt`` written after every epoch for ``--ckpt_path last``."""
 
     def __init__(
         self,
@@ -29,8 +26,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(
             monitor=monitor, mode=mode or "min", filename=filename, save_last=save_last, save_top_k=save_top_k, **kwargs
         )
-        self._auto_mode = mode is None
-        self._auto_filename = filename is None
+        self._auto_mode, self._auto_filename = mode is None, filename is None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.monitor is None and getattr(pl_module, "monitor", None):
@@ -39,23 +35,20 @@ class RunCheckpoint(ModelCheckpoint):
                 self.mode = getattr(pl_module, "monitor_mode", "min")
                 self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
         if self._auto_filename and self.monitor:
-            short = self.monitor.rsplit("/", 1)[-1]
-            self.filename = f"best-epoch{{epoch:02d}}-{short}{{{self.monitor}:.4f}}"
+            self.filename = f"best-epoch{{epoch:02d}}-{self.monitor.rsplit('/', 1)[-1]}{{{self.monitor}:.4f}}"
             self.auto_insert_metric_name = False
         super().setup(trainer, pl_module, stage)
 
-    # Lightning writes last.ckpt only when a best checkpoint was written at the same step; a resume needs it
-    # after every epoch, improved or not.
-    def _ensure_last(self, trainer: L.Trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+    # Lightning writes last.ckpt only at a step where it wrote a best checkpoint; a resume needs it every epoch.
+    def _ensure_last(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
+        skip = self._should_skip_saving_checkpoint(trainer)  # also when a checkpoint was written at this step
+        if at_train_epoch_end == self._should_save_on_train_epoch_end(trainer) and not skip:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._ensure_last(trainer)
+        self._ensure_last(trainer, True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._ensure_last(trainer)
+        self._ensure_last(trainer, False)

@@ -14,10 +14,9 @@ log = logging.getLogger(__name__)
 class StagedUnfreeze(BaseFinetuning):
     """Train the head first, then the whole backbone from ``unfreeze_at_epoch`` on.
 
-    Unlike ``BaseFinetuning.freeze(train_bn=False)``, frozen BatchNorm layers stay in inference mode
-    (moving statistics used and never updated, as Keras does) until they are unfrozen; then they train
-    normally. The backbone joins the optimizer as a new param group with
-    ``lr = head_lr * backbone_lr_factor``.
+    Frozen BatchNorm layers stay in inference mode (moving statistics used, never updated, as in Keras) until
+    they are unfrozen, unlike ``BaseFinetuning.freeze(train_bn=False)``. The backbone joins the optimizer as a
+    new param group.
 
     Args:
         unfreeze_at_epoch: first epoch (0-based) in which the backbone trains.
@@ -35,10 +34,9 @@ class StagedUnfreeze(BaseFinetuning):
         pl_module.net.set_trainable(self.initial_regime)
 
     def finetune_function(self, pl_module: L.LightningModule, current_epoch: int, optimizer: Optimizer) -> None:
-        if current_epoch != self.unfreeze_at_epoch:
-            return
-        lr = optimizer.param_groups[0]["lr"] * self.backbone_lr_factor
-        self.unfreeze_and_add_param_group(pl_module.net.backbone, optimizer, lr=lr, train_bn=True)
-        pl_module.net.trainable = "all"
-        pl_module.train()  # BN layers that just became trainable leave inference mode
-        log.info("Epoch %d: backbone unfrozen at lr %.2e.", current_epoch, lr)
+        if current_epoch == self.unfreeze_at_epoch:
+            lr = optimizer.param_groups[0]["lr"] * self.backbone_lr_factor
+            self.unfreeze_and_add_param_group(pl_module.net.backbone, optimizer, lr=lr, train_bn=True)
+            pl_module.net.trainable = "all"
+            pl_module.train()  # BN layers that just became trainable leave inference mode
+            log.info("Epoch %d: backbone unfrozen at lr %.2e.", current_epoch, lr)

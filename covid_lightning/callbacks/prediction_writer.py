@@ -1,28 +1,10 @@
-"""PredictionWriter: ``lightning predict`` -> CSVs, lung masks and Grad-CAM overlays on disk.
+"""PredictionWriter: ``lightning predict`` -> ``predictions.csv`` (path, predicted, one probability per class) and
+optional Grad-CAM overlays ``gradcam/*.png`` for a classifier; ``masks/*.png`` (0/255, the image's own size) and
+``lung_area.csv`` (path, mask_path, lung_fraction) for a segmenter.
 
-What a run writes under ``output_dir`` (default: the run's log folder, e.g.
-``runs/<name>/version_N/predict/version_M/``; ``<default_root_dir>/predictions`` without a logger).
-Earlier predictions in an explicit ``output_dir`` are never replaced silently: the run refuses to start
-unless ``overwrite: true``, which first removes the earlier CSVs, masks and overlays.
-
-- classifier: ``predictions.csv`` with ``path`` (relative to ``data.predict_root`` when the image is
-  under it, else absolute), ``predicted`` (class name), then one probability column per class;
-  with ``gradcam: true`` also ``gradcam/<relative path>.png``, the Grad-CAM overlay of the predicted class;
-- segmenter: ``masks/<relative path>.png``, a mode-L mask with values {0, 255} at the image's
-  original size (probabilities resized bilinearly to (H, W), then thresholded at ``model.threshold``),
-  and ``lung_area.csv`` with ``path``, ``mask_path`` (relative to ``output_dir``) and ``lung_fraction``
-  (lung pixels / all pixels of that mask).
-
-Output file names keep the input's sub-folders and always end in ``.png``; when two inputs would map
-to the same name (``a.png`` and ``a.jpg``), the original suffix is kept (``a.jpg.png``). CSV rows are
-sorted by ``path``.
-
-``write_interval="batch"``: masks and overlays are written as each batch arrives (nothing image-sized
-is kept in memory); the CSV rows are collected and written at the end of the predict epoch. With one
-device the final CSVs are written directly. With several devices each rank writes its own shard
-(``predictions.rank{R}.csv`` / ``lung_area.rank{R}.csv``) and its own images, then, after
-``trainer.strategy.barrier()``, rank 0 merges the shards into the final CSVs (sorted by path,
-duplicates dropped) and deletes them. On several nodes ``output_dir`` must be on a shared file system.
+Paths are relative to ``data.predict_root``; output names keep the sub-folders and end in ``.png`` (``a.jpg.png``
+where ``a.png`` is an input too). Several devices: rank 0 gathers every rank's CSV rows; images are written by
+each rank (on several nodes ``output_dir`` must be shared).
 """
 
 from __future__ import annotations
@@ -30,7 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
-from collections.abc import Sequence
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,120 +27,46 @@ from covid_lightning.modules.base import as_xray_module
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_CSV = "predictions.csv"
-SEGMENTATION_CSV = "lung_area.csv"
-MASKS_DIR = "masks"
-GRADCAM_DIR = "gradcam"
+CSV_NAMES = {"classification": "predictions.csv", "segmentation": "lung_area.csv"}
+MASKS_DIR, GRADCAM_DIR = "masks", "gradcam"
 
 
-def shard_path(final: str | Path, rank: int) -> Path:
-    """``predictions.csv`` -> ``predictions.rank{rank}.csv`` (same folder)."""
-    final = Path(final)
-    return final.with_name(f"{final.stem}.rank{rank}{final.suffix}")
-
-
-def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]], key: int = 0) -> Path:
-    """Write ``rows`` under ``header``, sorted by column ``key``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(sorted(rows, key=lambda r: str(r[key])))
-    return path
-
-
-def merge_csv_shards(shards: Sequence[str | Path], output: str | Path, key: str = "path", remove: bool = True) -> Path:
-    """Merge per-rank CSV shards (same header) into ``output``, sorted by ``key``; duplicate keys are kept
-    once. ``remove`` deletes the shards afterwards. A missing shard is an error (not a silent gap)."""
-    header: list[str] | None = None
-    rows: dict[str, list[str]] = {}
-    for shard in shards:
-        shard = Path(shard)
-        if not shard.is_file():
-            raise FileNotFoundError(
-                f"Prediction shard {shard} is missing: every rank must write to a folder rank 0 can read."
-            )
-        with open(shard, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            shard_header = next(reader, None)
-            if shard_header is None:
-                continue
-            if header is None:
-                header = shard_header
-            elif shard_header != header:
-                raise ValueError(f"{shard} has columns {shard_header}, expected {header}.")
-            index = header.index(key)
-            for row in reader:
-                rows.setdefault(row[index], row)
-    if header is None:
-        raise ValueError(f"No header in any of {list(map(str, shards))}.")
-    out = write_csv(output, header, list(rows.values()), key=header.index(key))
-    if remove:
-        for shard in shards:
-            Path(shard).unlink(missing_ok=True)
-    return out
+def _png_name(rel: str) -> str:
+    return Path(rel).with_suffix(".png").as_posix().lstrip("/")
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write predictions of an :class:`XRayClassifier` or a :class:`LungSegmenter` to disk (see the module doc).
+    """Write the predictions of an :class:`XRayClassifier` or a :class:`LungSegmenter` (see the module doc).
 
     Args:
-        output_dir: where to write; None = the run's log folder (``trainer.log_dir``).
+        output_dir: where to write; None = the run's log folder (``<default_root_dir>/predictions`` without one).
         gradcam: classifier only: also write a Grad-CAM overlay per image for its predicted class.
         overwrite: replace earlier predictions found in ``output_dir`` (otherwise the run refuses).
     """
 
     def __init__(self, output_dir: str | None = None, gradcam: bool = False, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = output_dir
-        self.gradcam = gradcam
-        self.overwrite = overwrite
+        self.output_dir, self.gradcam, self.overwrite = output_dir, gradcam, overwrite
         self.out_dir: Path | None = None
-        #: the final CSV written by the last predict run (set on rank 0)
-        self.csv_path: Path | None = None
+        self.csv_path: Path | None = None  # the CSV of the last predict run (rank 0)
         self._root: Path | None = None
-        self._collisions: set[str] = set()
+        self._names: dict[str, str] = {}
         self._rows: list[list[Any]] = []
         self._header: list[str] = []
-        self._classifier = False
+        self._task = ""
 
-    # paths -----------------------------------------------------------------------------------
     def relative_path(self, path: str | Path) -> str:
         """POSIX path of an input relative to the predict root when under it, else absolute."""
         p = Path(path).expanduser().resolve()
-        if self._root is not None:
-            try:
-                return p.relative_to(self._root).as_posix()
-            except ValueError:
-                pass
-        return p.as_posix()
+        return p.relative_to(self._root).as_posix() if self._root and p.is_relative_to(self._root) else p.as_posix()
 
-    @staticmethod
-    def _png_key(rel: str) -> str:
-        return Path(rel).with_suffix(".png").as_posix().lstrip("/")
-
-    def output_relpath(self, rel: str) -> Path:
-        """Where an input's mask/overlay goes under ``masks/`` or ``gradcam/``: same sub-folders, ``.png``."""
-        key = self._png_key(rel)
-        if key in self._collisions:
-            key = rel.lstrip("/") + ".png"
-        return Path(key)
-
-    def _scan_collisions(self, trainer: L.Trainer) -> None:
-        """Output names that two inputs share (``a.png`` + ``a.jpg``): deterministic on every rank."""
-        self._collisions = set()
-        loaders = trainer.predict_dataloaders
-        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            seen: set[str] = set()
-            for p in getattr(getattr(loader, "dataset", None), "paths", None) or []:
-                key = self._png_key(self.relative_path(p))
-                (self._collisions if key in seen else seen).add(key)
-
-    def _clear_earlier(self, trainer: L.Trainer) -> None:
-        """Refuse to mix with earlier predictions in ``out_dir`` (or remove them with ``overwrite``)."""
-        earlier = [self.out_dir / n for n in (CLASSIFICATION_CSV, SEGMENTATION_CSV, MASKS_DIR, GRADCAM_DIR)]
-        earlier = [p for p in earlier if p.exists()]
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective call: all ranks
+        default = Path(log_dir) if trainer.loggers and log_dir else Path(trainer.default_root_dir) / "predictions"
+        self.out_dir = Path(self.output_dir).expanduser() if self.output_dir else default
+        earlier = [
+            self.out_dir / n for n in (*CSV_NAMES.values(), MASKS_DIR, GRADCAM_DIR) if (self.out_dir / n).exists()
+        ]
         if earlier and not self.overwrite:
             raise UserError(
                 f"{self.out_dir} already holds predictions ({', '.join(p.name for p in earlier)}). Give another "
@@ -169,89 +77,65 @@ class PredictionWriter(BasePredictionWriter):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             log.info("Removed earlier predictions in %s (overwrite).", self.out_dir)
         trainer.strategy.barrier("prediction_writer_cleared")
-
-    # hooks -----------------------------------------------------------------------------------
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        log_dir = trainer.log_dir  # a collective call: all ranks
-        default = Path(log_dir) if trainer.loggers and log_dir else Path(trainer.default_root_dir) / "predictions"
-        self.out_dir = Path(self.output_dir).expanduser() if self.output_dir else default
-        self._clear_earlier(trainer)
-        root = getattr(getattr(trainer.datamodule, "hparams", None), "predict_root", None)
+        root = trainer.datamodule.hparams.get("predict_root") if trainer.datamodule is not None else None
         self._root = Path(root).expanduser().resolve() if root else None
         if self._root is not None and self._root.is_file():  # one image: paths relative to its folder
             self._root = self._root.parent
-        self._classifier = as_xray_module(pl_module, "write predictions of").task == "classification"
-        if self.gradcam and not self._classifier:
+        self._task = as_xray_module(pl_module, "write predictions of").task
+        if self.gradcam and self._task != "classification":
             raise ValueError("PredictionWriter(gradcam=True) needs a classifier; this model has no class_names.")
-        if self._classifier:
-            self._header = ["path", "predicted", *pl_module.class_names]
-        else:
-            self._header = ["path", "mask_path", "lung_fraction"]
-        self._rows = []
-        self.csv_path = None
-        self._scan_collisions(trainer)
+        classes = pl_module.describe().get("class_names", [])
+        self._header = ["path", "predicted", *classes] if classes else ["path", "mask_path", "lung_fraction"]
+        self._rows, self.csv_path = [], None
+        # each input's output name; inputs that would share one (a.png, a.jpg) keep their suffix
+        loaders = trainer.predict_dataloaders
+        rels = [
+            self.relative_path(p)
+            for loader in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
+            for p in getattr(getattr(loader, "dataset", None), "paths", None) or []
+        ]
+        shared = Counter(_png_name(r) for r in rels)
+        self._names = {r: r.lstrip("/") + ".png" if shared[_png_name(r)] > 1 else _png_name(r) for r in rels}
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: dict[str, Any],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        paths = list(prediction["path"])
-        probs = prediction["probs"]
-        if self._classifier:
-            self._write_classification(pl_module, paths, probs)
-        else:
-            sizes = prediction.get("size")
-            if sizes is None:
-                raise ValueError("Segmentation predictions need 'size' (the original H, W) to write masks.")
-            self._write_segmentation(pl_module, paths, probs, sizes)
+    def _save_image(self, folder: str, rel: str, image: np.ndarray) -> str:
+        """Write ``image`` as ``<folder>/<rel's output name>``; returns that path relative to ``out_dir``."""
+        out = Path(folder) / self._names.get(rel, _png_name(rel))
+        (self.out_dir / out).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(self.out_dir / out)
+        return out.as_posix()
 
-    def _write_classification(self, pl_module: L.LightningModule, paths: list[str], probs: torch.Tensor) -> None:
-        names = list(pl_module.class_names)
-        probs = probs.float().cpu()
-        predicted = probs.argmax(dim=-1).tolist()
-        for path, p, k in zip(paths, probs.tolist(), predicted):
-            self._rows.append([self.relative_path(path), names[k], *(f"{v:.6f}" for v in p)])
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: Any, prediction: dict[str, Any], *_: Any) -> None:
+        sizes = prediction.get("size")
+        sizes = [tuple(s) for s in torch.as_tensor(sizes).tolist()] if sizes is not None else None
+        paths = list(prediction["path"])
+        outputs = pl_module.postprocess(prediction["probs"], sizes)
+        for path, out in zip(paths, outputs):
+            rel = self.relative_path(path)
+            if self._task == "classification":
+                self._rows.append([rel, max(out, key=out.get), *(f"{v:.6f}" for v in out.values())])
+            else:
+                mask_path = self._save_image(MASKS_DIR, rel, out.astype(np.uint8) * 255)  # uint8 (H, W): mode L
+                self._rows.append([rel, mask_path, f"{float(out.mean()):.6f}"])
         if self.gradcam:
             from covid_lightning.gradcam import gradcam_batch, overlay_heatmap
             from covid_lightning.inference import to_rgb_uint8
 
             rgbs = [to_rgb_uint8(p) for p in paths]
+            predicted = prediction["probs"].argmax(dim=-1).tolist()
             for path, rgb, heat in zip(paths, rgbs, gradcam_batch(pl_module, rgbs, predicted)):
-                out = self.out_dir / GRADCAM_DIR / self.output_relpath(self.relative_path(path))
-                out.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(overlay_heatmap(rgb, heat)).save(out)
-
-    def _write_segmentation(
-        self, pl_module: L.LightningModule, paths: list[str], probs: torch.Tensor, sizes: torch.Tensor
-    ) -> None:
-        sizes = [tuple(s) for s in torch.as_tensor(sizes).tolist()]
-        for path, mask in zip(paths, pl_module.postprocess(probs, sizes)):
-            mask = mask.astype(np.uint8) * 255
-            rel = self.relative_path(path)
-            mask_rel = Path(MASKS_DIR) / self.output_relpath(rel)
-            out = self.out_dir / mask_rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(out)  # uint8 (H, W) -> mode L
-            self._rows.append([rel, mask_rel.as_posix(), f"{float((mask > 0).mean()):.6f}"])
+                self._save_image(GRADCAM_DIR, self.relative_path(path), overlay_heatmap(rgb, heat))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        final = self.out_dir / (CLASSIFICATION_CSV if self._classifier else SEGMENTATION_CSV)
-        if trainer.world_size == 1:
-            self.csv_path = write_csv(final, self._header, self._rows)
-        else:
-            write_csv(shard_path(final, trainer.global_rank), self._header, self._rows)
-            trainer.strategy.barrier("prediction_writer_shards")
-            if trainer.is_global_zero:
-                shards = [shard_path(final, r) for r in range(trainer.world_size)]
-                self.csv_path = merge_csv_shards(shards, final)
-            trainer.strategy.barrier("prediction_writer_merged")
+        rows = self._rows
+        if trainer.world_size > 1:
+            parts: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [row for part in parts for row in part]
         if trainer.is_global_zero:
+            unique = {str(row[0]): row for row in rows}  # the distributed sampler repeats inputs to even out ranks
+            self.csv_path = self.out_dir / CSV_NAMES[self._task]
+            with open(self.csv_path, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows([self._header, *(unique[key] for key in sorted(unique))])
             log.info("Predictions written to %s", self.csv_path)
         self._rows = []

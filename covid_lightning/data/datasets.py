@@ -1,4 +1,4 @@
-"""Torch Datasets returning sample dicts: ``image`` (uint8 3xHxW), ``label``, ``path``, ``mask``."""
+"""Torch Datasets of sample dicts (``image`` uint8 3xHxW, ``label``, ``path``, ``mask``), and their sampler."""
 
 from __future__ import annotations
 
@@ -18,35 +18,29 @@ ImageHook = Callable[[np.ndarray, Path], np.ndarray]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch (a pure function: resumable, worker-independent)."""
+    """The augmentation seed of one sample in one epoch: resumable and independent of the DataLoader workers."""
     return (seed * 1_000_003 + epoch * 100_003 + index) % (2**32)
 
 
+def make_sample(transform: Callable[..., dict], image: np.ndarray, mask: np.ndarray | None, label: int, path: str):
+    """The sample dict: the transformed image (and mask: float (1, H, W) in {0, 1}), the label and the path."""
+    if mask is None:
+        return {"image": transform(image=image)["image"], "label": label, "path": path}
+    out = transform(image=image, mask=mask)
+    return {"image": out["image"], "mask": out["mask"].to(torch.float32).unsqueeze(0), "label": label, "path": path}
+
+
 class EpochSampler(DistributedSampler):
-    """Shuffled order that depends only on ``(seed, epoch)``, sharded over ranks, with the epoch encoded.
+    """Shuffled by ``(seed, epoch)``, sharded over ranks; yields ``epoch * len(dataset) + i`` so the dataset can
+    seed each sample's augmentation (:func:`sample_seed`). ``epoch_source`` is asked at each ``iter``: a resumed
+    run builds its first iterator before Lightning calls ``set_epoch``."""
 
-    Lightning calls ``set_epoch`` every epoch, and ``epoch_source`` (the fit loop's epoch) is asked too,
-    because a resumed run builds its first iterator before ``set_epoch``; so a resumed run sees the same
-    order as an uninterrupted one, and every rank agrees. Each yielded index is
-    ``epoch * len(dataset) + i``: the dataset decodes it and seeds its augmentation with
-    :func:`sample_seed`, so augmentation is reproducible whatever the number of DataLoader workers.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        num_replicas: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-        epoch_source: Callable[[], int] | None = None,
-    ) -> None:
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, epoch_source: Callable[[], int]):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.epoch_source = epoch_source
 
     def __iter__(self) -> Iterator[int]:
-        if self.epoch_source is not None:
-            # A resumed run may build its (multi-worker) iterator before Lightning calls set_epoch.
-            self.set_epoch(self.epoch_source())
+        self.set_epoch(self.epoch_source())
         offset = self.epoch * len(self.dataset)
         return (offset + i for i in super().__iter__())
 
@@ -54,13 +48,10 @@ class EpochSampler(DistributedSampler):
 class XRayDataset(Dataset):
     """Records -> sample dicts through an albumentations transform.
 
-    With ``masks=True`` every record must carry a mask; the sample then also has ``mask``, a float
-    tensor of shape (1, H, W) with values {0, 1}, aligned with the image by the same transform.
-    With ``seed`` set, the transform is reseeded per sample from (seed, epoch, index), where indices
-    at or beyond ``len(self)`` carry the epoch (see :class:`EpochSampler`). ``roi`` (e.g. the lungs only)
-    is applied to the decoded image before the transform; it cannot be combined with ``masks``.
-    ``image_cache``/``mask_cache`` (:class:`~covid_lightning.data.image_cache.DecodedCache`, indexed by
-    ``cache_index[i]``) replace decoding with a lookup of the already resized arrays.
+    ``masks``: add ``mask``, float (1, H, W) in {0, 1}, transformed with the image. ``seed``: reseed the
+    transform per sample from (seed, epoch, index); indices beyond ``len(self)`` carry the epoch
+    (:class:`EpochSampler`). ``roi`` is applied to the decoded image (classification only). ``image_cache`` /
+    ``mask_cache`` (:class:`~covid_lightning.data.image_cache.DecodedCache`, row ``cache_index[i]``) replace decoding.
     """
 
     def __init__(
@@ -74,17 +65,8 @@ class XRayDataset(Dataset):
         mask_cache: Any = None,
         cache_index: Sequence[int] | None = None,
     ) -> None:
-        if masks and roi is not None:
-            raise ValueError("A lung ROI cannot be applied to a segmentation dataset (the masks would not follow).")
-        if image_cache is not None and (roi is not None or cache_index is None):
-            raise ValueError("A decoded-image cache needs cache_index and cannot be combined with a lung ROI.")
-        self.records = list(records)
-        self.transform = transform
-        self.masks = masks
-        self.seed = seed
-        self.roi = roi
-        self.image_cache, self.mask_cache = image_cache, mask_cache
-        self.cache_index = list(cache_index) if cache_index is not None else None
+        self.records, self.transform, self.masks, self.seed, self.roi = list(records), transform, masks, seed, roi
+        self.image_cache, self.mask_cache, self.cache_index = image_cache, mask_cache, cache_index
 
     def __len__(self) -> int:
         return len(self.records)
@@ -94,34 +76,21 @@ class XRayDataset(Dataset):
         if self.seed is not None:
             self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         rec = self.records[index]
-        if self.image_cache is not None:  # decoded and resized once (data.cache_images)
-            image = self.image_cache[self.cache_index[index]]
-        else:
-            image = load_image(rec.path)
+        cached = self.cache_index[index] if self.cache_index is not None else None
+        image = self.image_cache[cached] if self.image_cache is not None else load_image(rec.path)
         if self.roi is not None:
             image = self.roi(image, rec.path)
+        mask = None
         if self.masks:
-            if self.mask_cache is not None:
-                mask = self.mask_cache[self.cache_index[index]]
-            else:
-                mask = load_mask(rec.mask_path)
-            out = self.transform(image=image, mask=mask)
-            mask = out["mask"].to(torch.float32).unsqueeze(0)
-            return {"image": out["image"], "mask": mask, "label": rec.label, "path": str(rec.path)}
-        out = self.transform(image=image)
-        return {"image": out["image"], "label": rec.label, "path": str(rec.path)}
+            mask = self.mask_cache[cached] if self.mask_cache is not None else load_mask(rec.mask_path)
+        return make_sample(self.transform, image, mask, rec.label, str(rec.path))
 
 
 class ImageFolderDataset(Dataset):
-    """Any folder of images (recursive, PNG/JPEG) for prediction: ``image``, ``path``, ``size`` (H, W).
-
-    ``roi`` is applied to the decoded image before the transform; ``size`` stays the original image's.
-    """
+    """Image files for prediction: ``image``, ``path`` and ``size`` (the original H, W; ``roi`` applied after)."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable[..., dict], roi: ImageHook | None = None) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-        self.roi = roi
+        self.paths, self.transform, self.roi = list(paths), transform, roi
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,24 +100,15 @@ class ImageFolderDataset(Dataset):
         size = torch.tensor(image.shape[:2])
         if self.roi is not None:
             image = self.roi(image, self.paths[index])
-        out = self.transform(image=image)
-        return {"image": out["image"], "path": str(self.paths[index]), "size": size}
+        return {"image": self.transform(image=image)["image"], "path": str(self.paths[index]), "size": size}
 
 
 class FeatureDataset(Dataset):
-    """Pre-computed network activations as samples: ``{"features", "label", "path"}``.
-
-    Used by :class:`covid_lightning.callbacks.FrozenFeatureCache` in place of an image dataset. Indices
-    at or beyond ``len(self)`` carry the epoch (see :class:`EpochSampler`) and are folded back.
-    """
+    """Pre-computed activations (:class:`~covid_lightning.callbacks.FrozenFeatureCache`) as samples ``features``,
+    ``label``, ``path``; epoch-carrying indices (:class:`EpochSampler`) are folded back."""
 
     def __init__(self, features: torch.Tensor, labels: Sequence[int], paths: Sequence[str]) -> None:
-        if not len(features) == len(labels) == len(paths):
-            raise ValueError(f"{len(features)} features, {len(labels)} labels and {len(paths)} paths.")
-        self.features = features
-        self.labels = list(labels)
-        self.paths = list(paths)
-        self.seed: int | None = None  # nothing random to seed; kept for the DataModule's interface
+        self.features, self.labels, self.paths = features, list(labels), list(paths)
 
     def __len__(self) -> int:
         return len(self.labels)

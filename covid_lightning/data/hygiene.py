@@ -1,74 +1,44 @@
-"""Dataset hygiene: decode every file, find bad files, unpaired files and (near-)duplicate images.
-
-Building blocks (used by ``covid-lightning check-data ROOT`` and by scanning/splitting):
-
-* :func:`inspect_image` decodes one file fully and returns a :class:`FileInfo` (size, mode, a content
-  hash of the 8-bit gray pixels, a 64-bit perceptual hash, mask values) or the reason it is unusable.
-* :func:`inspect_files` does that for many files in a thread pool, with an optional JSON cache keyed by
-  the absolute path and validated by the file's stat (size, mtime, ctime, inode: see :func:`stat_key`).
-* :func:`duplicate_groups` groups exact duplicates (same pixels) and near duplicates (pHash Hamming
-  distance <= ``max_distance``), transitively.
-* :func:`check_dataset` / :func:`format_report` / :func:`main` make the JSON report and its text summary.
-"""
+"""Dataset hygiene: decode every file once, find bad, unpaired and (near-)duplicate files; screen the records a
+DataModule trains on (:func:`screen_records`) and report on a dataset (:func:`check_dataset`, ``check-data``)."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
 import os
-import sys
-import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from json import dumps, loads
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from covid_lightning.constants import MASK_SIZE
-from covid_lightning.data.dicom import DICOM_SUFFIXES, MONOCHROME, is_dicom, read_dicom
-from covid_lightning.data.scan import (
-    CLASSES,
-    DatasetError,
-    Record,
-    _class_image_dir,
-    broken_link_problem,
-    find_dataset_root,
-    is_image_entry,
-    is_manifest_file,
-    relative_path,
-    scan_manifest,
-)
-from covid_lightning.data.transforms import to_rgb_array
-from covid_lightning.runtime import cache_dir, usable_cpus
+from covid_lightning.constants import CLASSES, MASK_SIZE
+from covid_lightning.data import scan
+from covid_lightning.data.image_cache import CACHE_VERSION, atomic_path, stat_key, thread_map
+from covid_lightning.data.scan import DatasetError, Record, relative_path
+from covid_lightning.data.transforms import decode_rgb, is_dicom, read_dicom
+from covid_lightning.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
-#: The Kaggle lung masks are 256x256 (the images 299x299).
-#: Bump when FileInfo fields, the hashes or the cache key change: older cache files are then ignored.
-CACHE_VERSION = 2
-#: pHash Hamming distance up to which two images count as near duplicates. Re-encodes and small
-#: resizes of one radiograph stay at <= 2 (brightness shifts <= 4); different patients in the real
-#: sample start at 10, and transitive grouping over 21k images needs a margin, hence 4.
+#: pHash Hamming distance up to which two images are near duplicates (re-encodes, resizes, brightness shifts)
 DEFAULT_MAX_DISTANCE = 4
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I", "F")
+#: correlation of 64x64 thumbnails that confirms a pHash pair: chest films are alike at low frequencies
+MIN_THUMBNAIL_CORRELATION = 0.99
+#: the per-class counts of :func:`check_dataset`, and the examples it lists per finding
+COLUMNS, EXAMPLES = ("images", "masks", "pairs", "unpaired_images", "orphan_masks"), 10
+Confirm = Callable[[int, int], bool]
 
 
 @dataclass(frozen=True)
 class FileInfo:
-    """What decoding one image or mask file found.
-
-    ``ok`` is False when the file cannot be decoded fully; ``problem`` then says why. For images,
-    ``content_hash`` is the sha256 of the 8-bit gray pixels (with the size) and ``phash`` a 64-bit
-    perceptual hash. For masks, ``mask_values`` lists the distinct gray values ("0,255") or, when
-    there are more than four, says how many ("37 values in 0..255").
-    """
+    """What decoding one file found: a ``problem``, or for an image hashes of its gray pixels, for a mask its values."""
 
     path: Path
     ok: bool
@@ -80,320 +50,110 @@ class FileInfo:
     content_hash: str | None = None
     phash: int | None = None
     mask_values: str | None = None
-    gray: np.ndarray | None = field(default=None, repr=False, compare=False)
+    mask_binary: bool | None = None  # values within {0, 255} or {0, 1}
 
     @property
     def size(self) -> str | None:
-        """``"WxH"`` or None when the file could not be read."""
         return None if self.width is None else f"{self.width}x{self.height}"
-
-    @property
-    def mask_binary(self) -> bool | None:
-        """For masks: True when the values are a subset of {0, 255} or of {0, 1}; None for images."""
-        if self.mask_values is None:
-            return None
-        if "values" in self.mask_values:
-            return False
-        values = {int(v) for v in self.mask_values.split(",")}
-        return values <= {0, 255} or values <= {0, 1}
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable fields (``gray`` left out)."""
-        d = asdict(self)
-        d.pop("gray")
-        d["path"] = str(self.path)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> FileInfo:
-        """The inverse of :meth:`to_dict`; ``path`` replaces the stored path."""
-        return cls(**{**d, "path": Path(d["path"]) if path is None else path})  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------------------------
-# One file
-# --------------------------------------------------------------------------------------------
-
-
-def gray_array(image: Image.Image) -> np.ndarray:
-    """Any PIL image -> HxW uint8 gray (16-bit scaled as :func:`transforms.to_rgb_array` does).
-
-    Gray stored as RGB with R=G=B gives exactly the same array as the same pixels stored as ``L``.
-    """
-    if image.mode == "L":
-        return np.asarray(image)
-    rgb = to_rgb_array(image)
-    if image.mode in _SIXTEEN_BIT:
-        return np.ascontiguousarray(rgb[..., 0])
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-
-
-def content_hash(gray: np.ndarray) -> str:
-    """sha256 of the size and the 8-bit gray pixels: identical pixels in any lossless file -> same hash."""
-    h, w = gray.shape
-    return hashlib.sha256(f"{w}x{h}:".encode() + np.ascontiguousarray(gray).tobytes()).hexdigest()
 
 
 def phash(gray: np.ndarray) -> int:
-    """64-bit DCT perceptual hash (pHash): 32x32 area resize, 2D DCT, the 8x8 lowest frequencies without
-    the DC row/column, one bit per coefficient above their median. Robust to re-encoding and resizing."""
-    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(small)[1:9, 1:9].ravel()
+    """64-bit DCT perceptual hash: 32x32 area resize, the 8x8 lowest frequencies without DC, one bit per
+    coefficient above their median. Robust to re-encoding and resizing."""
+    low = cv2.dct(cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32))[1:9, 1:9].ravel()
     ranked = np.sort(low)
-    bits = low > (ranked[31] + ranked[32]) / 2  # the median, without np.median's overhead
-    return int(np.packbits(bits).view(">u8")[0])
+    return int(np.packbits(low > (ranked[31] + ranked[32]) / 2).view(">u8")[0])
 
 
-def _mask_values(gray: np.ndarray) -> str:
-    values = np.flatnonzero(np.bincount(gray.ravel(), minlength=256))
-    if len(values) <= 4:
-        return ",".join(str(int(v)) for v in values)
-    return f"{len(values)} values in {int(values[0])}..{int(values[-1])}"
-
-
-def _problem(err: BaseException, fmt: str | None) -> str:
-    """A short human reason for a decoding failure (no file path: the caller has it)."""
-    if isinstance(err, UnidentifiedImageError):
-        return "not an image: cannot identify image file"
-    msg = str(err).strip() or type(err).__name__
-    kind = fmt or "image"
-    if "truncated" in msg:
-        return f"truncated {kind}: {msg}"
-    return f"corrupt {kind}: {msg}"
-
-
-def decode_gray(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode a file fully -> (HxW uint8 gray, its width, height, mode and format). PIL for images, the DICOM
-    display pipeline (:func:`covid_lightning.data.dicom.read_dicom`, as training sees it) for DICOM files."""
-    if path.suffix.lower() not in DICOM_SUFFIXES:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return gray_array(im), {"width": im.width, "height": im.height, "mode": im.mode, "format": im.format}
-        except UnidentifiedImageError:
-            if not is_dicom(path):  # a DICOM without .dcm in its name is recognised by its contents
-                raise
-    image = read_dicom(path)
-    rgb = image.rgb
-    if image.photometric in MONOCHROME:
-        gray = np.ascontiguousarray(rgb[..., 0])
-    else:
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    return gray, {"width": rgb.shape[1], "height": rgb.shape[0], "mode": image.mode, "format": "DICOM"}
-
-
-def _format_of(path: Path) -> str | None:
-    """The file's format as far as its header tells (for messages about a file that failed to decode)."""
-    if is_dicom(path):
-        return "DICOM"
-    try:
-        with Image.open(path) as im:
-            return im.format
-    except Exception:  # noqa: BLE001 - no readable header: no format to name
-        return None
-
-
-def inspect_image(path: str | Path, *, mask: bool = False, keep_gray: bool = False) -> FileInfo:
-    """Decode ``path`` fully (truncated files are caught) and describe it; never raises for a bad file.
-
-    Args:
-        path: an image or mask file.
-        mask: describe it as a lung mask (``mask_values``) instead of hashing it.
-        keep_gray: also return the decoded HxW uint8 gray array in ``FileInfo.gray``.
-    """
+def inspect_image(path: str | Path, *, mask: bool = False) -> FileInfo:
+    """Decode ``path`` fully as training does and describe it (as a lung mask with ``mask``); a bad file is
+    described, never raised."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             return FileInfo(path, ok=False, problem="zero-byte file")
     except OSError as err:
-        return FileInfo(path, ok=False, problem=broken_link_problem(path) or f"cannot open: {err.strerror or err}")
+        return FileInfo(path, ok=False, problem=scan.broken_link_problem(path) or f"cannot open: {err.strerror or err}")
+    fmt = "DICOM" if is_dicom(path) else None
     try:
-        gray, info = decode_gray(path)
+        if fmt:
+            rgb, mode = read_dicom(path)
+        else:
+            with Image.open(path) as im:
+                mode, fmt = im.mode, im.format
+            rgb = decode_rgb(path)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure is a property of the file
-        return FileInfo(path, ok=False, problem=_problem(err, _format_of(path)))
+        why = str(err).strip() or type(err).__name__
+        why = f"{'truncated' if 'truncated' in why else 'corrupt'} {fmt}: {why}"
+        return FileInfo(path, ok=False, problem=why if fmt else "not an image: cannot identify image file")
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)  # exact for gray stored as RGB
+    h, w = gray.shape
     if mask:
-        info["mask_values"] = _mask_values(gray)
+        v = np.flatnonzero(np.bincount(gray.ravel(), minlength=256))
+        text = ",".join(map(str, v)) if len(v) <= 4 else f"{len(v)} values in {v[0]}..{v[-1]}"
+        found = {"mask_values": text, "mask_binary": set(v) <= {0, 255} or set(v) <= {0, 1}}
     else:
-        info["content_hash"] = content_hash(gray)
-        info["phash"] = phash(gray)
-    return FileInfo(path, ok=True, gray=gray if keep_gray else None, **info)
+        found = {"content_hash": hashlib.sha256(f"{w}x{h}:".encode() + gray.tobytes()).hexdigest()}
+        found["phash"] = phash(gray)
+    return FileInfo(path, True, None, w, h, mode, fmt, **found)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------------------------
-# Many files: pool + cache
-# --------------------------------------------------------------------------------------------
-
-
-def default_workers() -> int:
-    """The CPU cores this process may use (at most 16)."""
-    return max(1, min(16, usable_cpus()))
-
-
-#: the stat fields a cache entry must match (see :func:`stat_key`)
-STAT_FIELDS: tuple[str, ...] = ("size", "mtime_ns", "ctime_ns", "ino")
-
-
-def stat_key(path: Path) -> tuple[str, dict[str, int]] | None:
-    """The cache key of ``path`` (its absolute path) and the stat fields its entry must match; None if it
-    cannot be stat'ed. Shared by every per-file cache (this inspection cache, the decoded-image cache).
-
-    Size and mtime alone can be fooled: a same-size rewrite whose mtime is put back (``os.utime``, copy tools
-    that keep timestamps) would keep a stale "readable" verdict (failing mid-epoch) or stale decoded pixels.
-    The kernel sets ``st_ctime_ns`` on every write and ``os.utime`` cannot restore it; ``st_ino`` changes when
-    another file is renamed over this one. A stat, not a hash of the bytes: hashing would read the whole
-    dataset on every run, the cost the cache exists to save. (On Windows ``st_ctime`` is the creation time.)
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return os.path.abspath(path), {
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "ino": st.st_ino,
-    }
-
-
-def _load_cache(cache_file: Path) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads(cache_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        log.warning("Ignoring unreadable cache file %s: %s", cache_file, err)
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
-        return {}
-    files = data.get("files")
-    return files if isinstance(files, dict) else {}
-
-
-def _save_cache(cache_file: Path, files: dict[str, dict[str, Any]]) -> None:
-    """Write atomically (temporary file + rename) so an interrupted run never leaves half a cache."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": CACHE_VERSION, "files": files}, f, separators=(",", ":"))
-        os.replace(tmp, cache_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _inspect_task(item: tuple[Path, bool]) -> FileInfo:
-    return inspect_image(item[0], mask=item[1])
-
-
-def _inspect_many(
-    items: Sequence[tuple[Path, bool]],
-    *,
-    workers: int | None = None,
-    cache_file: str | Path | None = None,
-    processes: bool = False,
-) -> list[FileInfo]:
-    """Inspect ``(path, is_mask)`` items, in order, reusing and updating the cache.
-
-    ``processes=True`` uses a process pool instead of threads (kept for benchmarking: on the real sample
-    it was no faster, and spawned workers would re-import the whole package).
-    """
-    items = [(p if isinstance(p, Path) else Path(p), bool(m)) for p, m in items]
-    results: list[FileInfo | None] = [None] * len(items)
-    cache = _load_cache(Path(cache_file)) if cache_file is not None else {}
-    keys: list[tuple[str, dict[str, int]] | None] = [None] * len(items)
-    todo: list[int] = []
-    for i, (path, is_mask) in enumerate(items):
-        if cache_file is not None:
-            keys[i] = key = stat_key(path)
-            entry = cache.get(("mask:" if is_mask else "image:") + key[0]) if key else None
-            if entry and all(entry.get(name) == key[1][name] for name in STAT_FIELDS):
-                results[i] = FileInfo.from_dict(entry["info"], path)
-                continue
-        todo.append(i)
-    n_workers = default_workers() if workers is None else max(1, workers)
-    n_workers = min(n_workers, max(1, len(todo)))
-    log.info("Inspecting %d files with %d workers (%d from cache).", len(todo), n_workers, len(items) - len(todo))
-    work = [items[i] for i in todo]
-    if n_workers == 1:
-        done = [_inspect_task(item) for item in work]
-    elif processes:
-        with ProcessPoolExecutor(n_workers) as pool:
-            done = list(pool.map(_inspect_task, work, chunksize=max(1, len(work) // (n_workers * 8))))
-    else:
-        with ThreadPoolExecutor(n_workers) as pool:
-            done = list(pool.map(_inspect_task, work))
-    for i, info in zip(todo, done):
-        results[i] = info
-    if cache_file is not None and (todo or not Path(cache_file).exists()):
-        for i in todo:
-            key, info = keys[i], results[i]
-            if key is None or info is None or (info.problem or "").startswith("cannot open"):
-                continue  # vanished / unreadable-by-permission files are looked at again next time
-            stored = {k: v for k, v in info.to_dict().items() if v is not None and k != "path"}
-            kind = "mask:" if items[i][1] else "image:"
-            cache[kind + key[0]] = {**key[1], "info": stored}
-        cache = {k: v for k, v in cache.items() if os.path.lexists(k.split(":", 1)[1])}  # forget deleted files
-        _save_cache(Path(cache_file), cache)
-    return [r for r in results if r is not None]
+def inspection_cache_file(dataset_root: str | Path) -> Path:
+    """The inspection cache of a dataset folder (in the user's cache dir: dataset folders are often read-only)."""
+    return cache_dir("inspect") / f"{hashlib.sha1(str(Path(dataset_root).resolve()).encode()).hexdigest()[:16]}.json"
 
 
 def inspect_files(
-    paths: Iterable[str | Path],
+    paths: Sequence[str | Path],
     *,
-    masks: bool = False,
+    masks: bool | Sequence[bool] = False,
     workers: int | None = None,
     cache_file: str | Path | None = None,
 ) -> list[FileInfo]:
-    """:func:`inspect_image` over many files in a thread pool, results in the order of ``paths``.
-
-    Args:
-        paths: image (or, with ``masks=True``, mask) files.
-        workers: threads (default: the usable CPU cores, at most 16; 0 or 1 = in this thread).
-        cache_file: a JSON file of earlier results keyed by absolute path and checked against the file's
-            size, mtime, ctime and inode; only new or changed files are decoded again, and the file is updated.
-    """
-    return _inspect_many([(p, masks) for p in paths], workers=workers, cache_file=cache_file)
-
-
-# --------------------------------------------------------------------------------------------
-# Duplicates
-# --------------------------------------------------------------------------------------------
-
-_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def _popcount(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Bits set in each uint64 as uint8 (``np.bitwise_count`` on numpy >= 2, a byte table before)."""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x, out=out)
-    return _POPCOUNT8[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8, out=out)
-
-
-def hamming(a: int, b: int) -> int:
-    """Hamming distance between two 64-bit hashes."""
-    return (a ^ b).bit_count()
+    """:func:`inspect_image` over many files (``masks``: all, or per file), in order, in threads. With
+    ``cache_file``, a result is reused while its file's :func:`~covid_lightning.data.image_cache.stat_key` holds."""
+    kinds = [masks] * len(paths) if isinstance(masks, bool) else list(masks)
+    keys = [stat_key(p) if cache_file is not None else None for p in paths]
+    names = [f"{'mask' if m else 'image'}:{k[0]}" if k else "" for m, k in zip(kinds, keys)]
+    try:
+        cache = loads(Path(cache_file).read_text(encoding="utf-8")) if cache_file is not None else {}
+        cache = cache["files"] if cache and cache["version"] == CACHE_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or broken: start afresh
+        cache = {}
+    results = [
+        FileInfo(Path(p), **entry["info"]) if key and (entry := cache.get(name)) and entry["stat"] == key[1] else None
+        for p, key, name in zip(paths, keys, names)
+    ]
+    todo = [i for i, r in enumerate(results) if r is None]
+    log.info("Inspecting %d files (%d from cache).", len(todo), len(paths) - len(todo))
+    for i, info in zip(todo, thread_map(lambda i: inspect_image(paths[i], mask=kinds[i]), todo, workers)):
+        results[i] = info
+        if keys[i] and not (info.problem or "").startswith("cannot open"):  # unreadable by permission: ask again
+            stored = {k: v for k, v in vars(info).items() if v is not None and k != "path"}
+            cache[names[i]] = {"stat": keys[i][1], "info": stored}
+    if cache_file is not None and (todo or not Path(cache_file).exists()):
+        files = {k: v for k, v in cache.items() if os.path.lexists(k.split(":", 1)[1])}  # forget deleted files
+        with atomic_path(Path(cache_file)) as tmp:
+            tmp.write_text(dumps({"version": CACHE_VERSION, "files": files}, separators=(",", ":")), encoding="utf-8")
+    return results  # type: ignore[return-value]
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
+def link_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
+    """Group ids of ``n`` items joined by ``pairs``, transitively: 0, 1, ... in order of first appearance."""
+    parent = list(range(n))
 
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:  # path compression
-            parent[i], i = root, parent[i]
-        return root
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        return i
 
-    def union(self, i: int, j: int) -> None:
-        ri, rj = self.find(i), self.find(j)
-        if ri != rj:
-            self.parent[max(ri, rj)] = min(ri, rj)
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    ids: dict[int, int] = {}
+    return [ids.setdefault(find(i), len(ids)) for i in range(n)]
 
 
 def duplicate_groups(
@@ -401,79 +161,47 @@ def duplicate_groups(
     max_distance: int = DEFAULT_MAX_DISTANCE,
     *,
     chunk: int = 256,
-    confirm: Callable[[int, int], bool] | None = None,
+    confirm: Confirm | None = None,
 ) -> list[int]:
-    """A group id per file: same id = exact duplicates (same ``content_hash``) or near duplicates (pHash
-    Hamming distance <= ``max_distance``), transitively. Ids are 0, 1, ... in order of first appearance;
-    a file without duplicates (or unreadable) has an id of its own. ``max_distance < 0``: exact only.
+    """A group id per file: exact duplicates (same ``content_hash``) and near ones (pHash distance <= ``max_distance``
+    and ``confirm``; < 0: exact only), transitively; distances in blocks of ``chunk`` hashes, not all pairs at once."""
+    bits = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)  # per byte, for numpy < 2
+    popcount = getattr(np, "bitwise_count", lambda x: bits[x.view(np.uint8)].reshape(*x.shape, 8).sum(-1))
 
-    ``confirm(i, j)``, when given, must also accept each pHash pair before it is joined (see
-    :func:`thumbnail_confirmer`): chest films are alike at low frequencies, so a hash alone chains
-    different patients into large groups. The pairwise distances are computed in blocks of ``chunk``
-    rows (``chunk x n`` uint64 at a time).
-    """
-    n = len(infos)
-    uf = _UnionFind(n)
-    first: dict[str, int] = {}
-    for i, info in enumerate(infos):
-        if info.content_hash is not None:
-            uf.union(first.setdefault(info.content_hash, i), i)
-    index = np.array([i for i, info in enumerate(infos) if info.phash is not None], dtype=np.int64)
-    if max_distance >= 0 and len(index) > 1:
+    def pairs() -> Iterator[tuple[int, int]]:
+        first: dict[str, int] = {}
+        yield from ((first.setdefault(f.content_hash, i), i) for i, f in enumerate(infos) if f.content_hash)
+        index = np.array([i for i, info in enumerate(infos) if info.phash is not None], dtype=np.int64)
+        if max_distance < 0 or len(index) < 2:
+            return
         hashes = np.array([infos[i].phash for i in index], dtype=np.uint64)
         uniq, first_of, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-        for k, u in enumerate(inverse):  # identical pHash: distance 0
-            a, b = int(index[first_of[u]]), int(index[k])
-            if a != b and (confirm is None or confirm(a, b)):
-                uf.union(a, b)
         rep = index[first_of]  # one file per distinct hash
-        m = len(uniq)
-        xor_buf, dist_buf = np.empty(min(chunk, m) * m, np.uint64), np.empty(min(chunk, m) * m, np.uint8)
-        for start in range(0, m, chunk):
-            block = uniq[start : start + chunk]
-            shape = (len(block), m - start)
-            xor = np.bitwise_xor(block[:, None], uniq[None, start:], out=xor_buf[: shape[0] * shape[1]].reshape(shape))
-            dist = _popcount(xor, out=dist_buf[: shape[0] * shape[1]].reshape(shape))
-            rows, cols = np.divmod(np.flatnonzero(dist <= max_distance), shape[1])  # 2D np.nonzero is much slower
-            keep = cols > rows  # columns are offset by ``start`` like the rows: upper triangle, no self
-            for a, b in zip(rep[rows[keep] + start], rep[cols[keep] + start]):
-                if confirm is None or confirm(int(a), int(b)):
-                    uf.union(int(a), int(b))
-    ids: dict[int, int] = {}
-    return [ids.setdefault(uf.find(i), len(ids)) for i in range(n)]
+        candidates = [(rep[u], index[k]) for k, u in enumerate(inverse) if rep[u] != index[k]]  # same pHash
+        for start in range(0, len(uniq), chunk):
+            dist = popcount(uniq[start : start + chunk, None] ^ uniq[None, start:])
+            rows, cols = np.divmod(np.flatnonzero(dist <= max_distance), dist.shape[1])
+            keep = cols > rows  # upper triangle, no self
+            candidates += zip(rep[rows[keep] + start], rep[cols[keep] + start])
+        yield from ((int(a), int(b)) for a, b in candidates if confirm is None or confirm(int(a), int(b)))
+
+    return link_groups(len(infos), pairs())
 
 
-#: Pearson correlation of 64x64 thumbnails above which a pHash pair is a real near duplicate. Re-encodes,
-#: resizes and brightness shifts of one film correlate at >= 0.999; different films lower.
-MIN_THUMBNAIL_CORRELATION = 0.99
+def thumbnail_confirmer(infos: Sequence[FileInfo], min_corr: float = MIN_THUMBNAIL_CORRELATION) -> Confirm:
+    """``confirm`` for :func:`duplicate_groups`: the files' 64x64 gray thumbnails correlate >= ``min_corr``."""
 
+    @cache
+    def thumb(i: int) -> np.ndarray:
+        try:
+            gray = cv2.cvtColor(decode_rgb(infos[i].path), cv2.COLOR_RGB2GRAY)
+        except OSError:
+            return np.zeros((64, 64))
+        small = cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float64)
+        small -= small.mean()
+        return small / max(float(np.linalg.norm(small)), 1e-9)  # a flat or unreadable image matches nothing
 
-def thumbnail_confirmer(
-    infos: Sequence[FileInfo], min_corr: float = MIN_THUMBNAIL_CORRELATION
-) -> Callable[[int, int], bool]:
-    """``confirm`` for :func:`duplicate_groups`: both files' 64x64 gray thumbnails correlate >= ``min_corr``.
-
-    Thumbnails are decoded lazily (only files in candidate pairs) and kept for the call.
-    """
-    thumbs: dict[int, np.ndarray | None] = {}
-
-    def thumb(i: int) -> np.ndarray | None:
-        if i not in thumbs:
-            try:
-                gray, _ = decode_gray(Path(infos[i].path))
-                small = cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float64)
-                small -= small.mean()
-                norm = np.linalg.norm(small)
-                thumbs[i] = small / norm if norm > 0 else None
-            except OSError:
-                thumbs[i] = None
-        return thumbs[i]
-
-    def confirm(i: int, j: int) -> bool:
-        a, b = thumb(i), thumb(j)
-        return a is not None and b is not None and float((a * b).sum()) >= min_corr
-
-    return confirm
+    return lambda i, j: float((thumb(i) * thumb(j)).sum()) >= min_corr
 
 
 def group_members(groups: Sequence[int]) -> list[list[int]]:
@@ -485,478 +213,225 @@ def group_members(groups: Sequence[int]) -> list[list[int]]:
 
 
 def summarize_groups(groups: Sequence[int], labels: Sequence[Any]) -> dict[str, int]:
-    """Counts for :func:`duplicate_groups`: groups with more than one member, the images in them, the
-    groups spanning several labels and the largest group size."""
+    """Groups with more than one member, their images, those spanning several labels, the largest size."""
     multi = group_members(groups)
     return {
         "groups": len(multi),
-        "images": sum(len(m) for m in multi),
-        "cross_class_groups": sum(1 for m in multi if len({labels[i] for i in m}) > 1),
-        "largest": max((len(m) for m in multi), default=0),
+        "images": sum(map(len, multi)),
+        "cross_class_groups": sum(len({labels[i] for i in m}) > 1 for m in multi),
+        "largest": max(map(len, multi), default=0),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Screening the records a DataModule is about to train on
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Screening:
-    """What :func:`screen_records` kept, dropped and grouped."""
+    """What :func:`screen_records` kept, their duplicate groups and the groups' summary."""
 
     records: list[Record]
     groups: list[int]
-    bad: list[tuple[Path, str]]
-    non_binary_masks: list[Path]
     duplicates: dict[str, int]
 
 
 def screen_records(
     records: Sequence[Record],
     *,
-    on_bad_file: str = "error",
-    duplicates: str = "near",
+    on_bad_file: Literal["error", "skip"] = "error",
+    duplicates: Literal["near", "exact", "none"] = "near",
     max_distance: int = DEFAULT_MAX_DISTANCE,
     workers: int | None = None,
     cache_file: str | Path | None = None,
 ) -> Screening:
-    """Decode every image (and mask) once, before training: bad files stop the run or are skipped.
-
-    Args:
-        on_bad_file: ``error`` raises :class:`DatasetError` listing every unreadable file and why;
-            ``skip`` drops them (and the pair they belong to), counted and logged once.
-        duplicates: ``near`` groups exact and perceptual-hash duplicates, ``exact`` only identical
-            pixels, ``none`` no grouping. The groups feed the group-aware split.
-    """
-    if on_bad_file not in ("error", "skip"):
-        raise ValueError(f"on_bad_file must be 'error' or 'skip', not {on_bad_file!r}.")
-    if duplicates not in ("near", "exact", "none"):
-        raise ValueError(f"duplicates must be one of near, exact, none, not {duplicates!r}.")
-    records = list(records)
-    images = inspect_files([r.path for r in records], workers=workers, cache_file=cache_file)
-    with_masks = [r for r in records if r.mask_path is not None]
-    masks = dict(
-        zip(
-            (r.mask_path for r in with_masks),
-            inspect_files([r.mask_path for r in with_masks], masks=True, workers=workers, cache_file=cache_file),
-        )
-    )
-    bad: list[tuple[Path, str]] = []
-    kept: list[tuple[Record, FileInfo]] = []
-    non_binary: list[Path] = []
-    for rec, info in zip(records, images):
-        problems = [(rec.path, info.problem)] if not info.ok else []
-        mask = masks.get(rec.mask_path) if rec.mask_path is not None else None
-        if mask is not None and not mask.ok:
-            problems.append((rec.mask_path, mask.problem))
-        elif mask is not None and mask.mask_binary is False:
-            non_binary.append(rec.mask_path)
-        if problems:
-            bad.extend(problems)
-        else:
-            kept.append((rec, info))
+    """Decode every image (and mask) once, before training. ``on_bad_file``: ``error`` raises
+    :class:`DatasetError` naming every unreadable file and why, ``skip`` drops them (and their pair), counted and
+    logged once. ``duplicates``: ``near`` groups exact and perceptual duplicates, ``exact`` identical pixels only,
+    ``none`` nothing; the groups feed the group-aware split."""
+    masks = [r.mask_path for r in records if r.mask_path is not None]
+    kinds = [False] * len(records) + [True] * len(masks)
+    infos = inspect_files([r.path for r in records] + masks, masks=kinds, workers=workers, cache_file=cache_file)
+    mask_info = dict(zip(masks, infos[len(records) :]))
+    problems = [[f for f in (info, mask_info.get(r.mask_path)) if f and not f.ok] for r, info in zip(records, infos)]
+    bad = [f for found in problems for f in found]
+    listing = "".join(f"\n  {f.path}: {f.problem}" for f in bad)
     if bad and on_bad_file == "error":
-        listing = "\n".join(f"  {path}: {problem}" for path, problem in bad)
         raise DatasetError(
-            f"{len(bad)} unreadable file(s):\n{listing}\nRemove or replace them, or set data.on_bad_file: skip "
-            "to train without them (`covid-lightning check-data ROOT`, or `--manifest FILE`, lists every problem)."
+            f"{len(bad)} unreadable file(s):{listing}\nRemove or replace them, or set data.on_bad_file: skip to train "
+            "without them (`covid-lightning check-data DATA`, a folder or a manifest, lists every problem)."
         )
     if bad:
-        log.warning(
-            "Skipped %d unreadable file(s) (on_bad_file=skip): %s",
-            len(bad),
-            "; ".join(f"{p} ({why})" for p, why in bad),
-        )
+        log.warning("Skipped %d unreadable file(s) (on_bad_file=skip):%s", len(bad), listing)
+    non_binary = [m.path for m in mask_info.values() if m.ok and not m.mask_binary]
     if non_binary:
-        log.warning(
-            "%d mask(s) hold values other than 0/255; they are binarised (> 127 = lung), e.g. %s",
-            len(non_binary),
-            non_binary[0],
-        )
-    kept_records = [r for r, _ in kept]
-    if duplicates == "none":
-        groups = list(range(len(kept)))
-    else:
-        infos = [i for _, i in kept]
-        near = duplicates == "near"
-        groups = duplicate_groups(infos, max_distance if near else -1, confirm=thumbnail_confirmer(infos))
-    summary = summarize_groups(groups, [r.label for r in kept_records])
+        log.warning("%d mask(s) with values other than 0/255, read as lung > 127: %s", len(non_binary), non_binary)
+    kept = [(r, info) for r, info, found in zip(records, infos, problems) if not found]
+    infos = [info for _, info in kept]
+    distance = {"near": max_distance, "exact": -1}.get(duplicates)
+    confirm = thumbnail_confirmer(infos)
+    groups = list(range(len(kept))) if distance is None else duplicate_groups(infos, distance, confirm=confirm)
+    summary = summarize_groups(groups, [r.label for r, _ in kept])
     if summary["groups"]:
         log.info(
-            "%d duplicate group(s) (%d images, %d across classes) are each kept within one split.",
-            summary["groups"],
-            summary["images"],
-            summary["cross_class_groups"],
+            "%d duplicate group(s) (%d images, %d across classes, largest %d) each kept in one split.",
+            *summary.values(),
         )
-    return Screening(kept_records, groups, bad, non_binary, summary)
+    return Screening([r for r, _ in kept], groups, summary)
 
 
-# --------------------------------------------------------------------------------------------
-# The dataset report
-# --------------------------------------------------------------------------------------------
+def _kaggle_extras(base: Path, paired: set[Path]) -> tuple[list[str], list[tuple[Path, str]]]:
+    """The folders the Kaggle layout does not read, and the masks without an image (with their class)."""
 
+    def subdirs(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
-def _image_files(folder: Path) -> list[Path]:
-    """Images of ``folder``, broken symlinks included (they are reported as unreadable, not left out)."""
-    return sorted(p for p in folder.iterdir() if is_image_entry(p)) if folder.is_dir() else []
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-
-def _examples(items: Sequence[Any], n: int) -> dict[str, Any]:
-    return {"count": len(items), "examples": list(items[:n])}
-
-
-@dataclass
-class _Layout:
-    """What a data source lists, before any file is decoded: the input of :func:`check_dataset`."""
-
-    base: Path
-    class_names: tuple[str, ...]
-    images: list[tuple[Path, int]]
-    masks: list[tuple[Path, int]]
-    per_class: dict[str, dict[str, int]]
-    unpaired: list[str]
-    orphans: list[str]
-    extra: list[str]
-    missing: list[str]
-    source: dict[str, Any]
-
-
-def _kaggle_layout(root: str | Path) -> _Layout:
-    """The Kaggle layout under ``root``: ``<Class>/images`` and ``<Class>/masks`` of the four classes."""
-    base = find_dataset_root(root)
-    rel = lambda p: p.relative_to(base).as_posix()  # noqa: E731
-
-    extra = [p.name for p in _subdirs(base) if p.name not in CLASSES]
-    images: list[tuple[Path, int]] = []
-    masks: list[tuple[Path, int]] = []
-    per_class: dict[str, dict[str, int]] = {}
-    unpaired: list[str] = []
-    orphans: list[str] = []
-    for label, name in enumerate(CLASSES):
+    extra = [p.name for p in subdirs(base) if p.name not in CLASSES]
+    orphans: list[tuple[Path, str]] = []
+    for name in CLASSES:
         class_dir = base / name
-        if not class_dir.is_dir():
-            continue
-        image_dir, mask_dir = _class_image_dir(class_dir), class_dir / "masks"
-        extra += [rel(p) for p in _subdirs(class_dir) if p not in (image_dir, mask_dir)]
-        extra += [rel(p) for d in {image_dir, mask_dir} if d != class_dir for p in _subdirs(d)]
-        class_images, class_masks = _image_files(image_dir), _image_files(mask_dir)
-        image_names = {p.name for p in class_images}
-        mask_names = {p.name for p in class_masks}
-        class_unpaired = [rel(p) for p in class_images if p.name not in mask_names]
-        class_orphans = [rel(p) for p in class_masks if p.name not in image_names]
-        per_class[name] = {
-            "images": len(class_images),
-            "masks": len(class_masks),
-            "pairs": len(image_names & mask_names),
-            "unpaired_images": len(class_unpaired),
-            "orphan_masks": len(class_orphans),
-        }
-        unpaired += class_unpaired
-        orphans += class_orphans
-        images += [(p, label) for p in class_images]
-        masks += [(p, label) for p in class_masks]
-    missing = [c for c in CLASSES if c not in per_class]
-    return _Layout(base, CLASSES, images, masks, per_class, unpaired, orphans, extra, missing, {"kind": "kaggle"})
-
-
-def _manifest_layout(manifest: str | Path) -> _Layout:
-    """The rows of a manifest (:func:`~covid_lightning.data.scan.scan_manifest` as it is: a row's ``mask_path``
-    pairs its image with that mask)."""
-    path = Path(manifest).expanduser()
-    columns_source = scan_manifest(path, with_masks=None)
-    base, names = columns_source.base, columns_source.class_names
-    per_class = {name: {"images": 0, "masks": 0, "pairs": 0, "unpaired_images": 0, "orphan_masks": 0} for name in names}
-    images: list[tuple[Path, int]] = []
-    masks: list[tuple[Path, int]] = []
-    unpaired: list[str] = []
-    for r in columns_source.records:
-        row = per_class[r.class_name]
-        row["images"] += 1
-        images.append((r.path, r.label))
-        mask = r.mask_path
-        if mask is None:
-            row["unpaired_images"] += 1
-            unpaired.append(relative_path(r.path, base))
-        else:
-            row["masks"] += 1
-            row["pairs"] += 1
-            masks.append((mask, r.label))
-    splits = columns_source.splits
-    groups = {r.group for r in columns_source.records if r.group is not None}
-    source = {
-        "kind": "manifest",
-        "manifest": str(path),
-        "splits": dict(Counter(splits)) if splits is not None else None,
-        "patient_groups": len(groups) if groups else None,
-    }
-    return _Layout(base, names, images, masks, per_class, unpaired, [], [], [], source)
+        image_dir, mask_dir = scan.class_image_dir(class_dir), class_dir / "masks"
+        unused = [p for p in subdirs(class_dir) if p not in (image_dir, mask_dir)]
+        unused += [p for d in {image_dir, mask_dir} - {class_dir} for p in subdirs(d)]
+        extra += [relative_path(p, base) for p in unused]
+        orphans += [(p, name) for p in scan.image_files(mask_dir) if p not in paired]
+    return extra, orphans
 
 
 def check_dataset(
-    root: str | Path | None = None,
+    root: str | Path,
     *,
-    manifest: str | Path | None = None,
     max_distance: int = DEFAULT_MAX_DISTANCE,
     workers: int | None = None,
     cache_file: str | Path | None = None,
-    examples: int = 10,
 ) -> dict[str, Any]:
-    """Decode every image and mask of the dataset and report what stands in the way of training.
-
-    The data is the Kaggle layout under ``root``, or a manifest (``manifest``, or ``root`` naming a ``.csv`` /
-    ``.parquet`` file). Raises :class:`DatasetError` when ``root`` does not exist or holds no class folder, or
-    the manifest is malformed. The report (a JSON-serialisable dict, paths relative to the dataset folder or
-    the manifest's folder) has ``trainable`` and the ``blocking`` reasons: no image at all, or any unreadable
-    image or mask (training stops on bad files). Everything else (duplicates, unpaired files, odd masks,
-    missing classes) is a ``warning``.
-    """
-    if manifest is None and root is not None and is_manifest_file(root):
-        manifest = root
-    if manifest is not None:
-        layout = _manifest_layout(manifest)
-    elif root is not None:
-        layout = _kaggle_layout(root)
-    else:
-        raise DatasetError("check-data needs a dataset folder (ROOT) or a manifest (--manifest FILE).")
-    base, class_names = layout.base, layout.class_names
-    images, masks, per_class = layout.images, layout.masks, layout.per_class
-    unpaired, orphans, extra, missing = layout.unpaired, layout.orphans, layout.extra, layout.missing
-    rel = lambda p: relative_path(p, base)  # noqa: E731
-    expected_mask_size = (MASK_SIZE, MASK_SIZE) if layout.source["kind"] == "kaggle" else None
-
-    infos = _inspect_many(
-        [(p, False) for p, _ in images] + [(p, True) for p, _ in masks], workers=workers, cache_file=cache_file
-    )
-    image_infos, mask_infos = infos[: len(images)], infos[len(images) :]
-    labels = [label for _, label in images]
+    """Decode every image and mask of a dataset (a Kaggle-layout folder or a manifest) and report what stands in
+    the way of training, as a JSON-ready dict (paths relative to the dataset's folder): ``trainable`` unless a
+    ``blocking`` reason (no image, an unreadable file), and ``warnings``. Per-file results are cached (default:
+    :func:`inspection_cache_file`, shared with training)."""
+    source = scan.read_records(root, with_masks=None)
+    base, class_names, records = source.base, source.class_names, source.records
+    kaggle, rel = source.manifest is None, lambda p: relative_path(p, base)
+    examples = lambda items: {"count": len(items), "examples": list(items[:EXAMPLES])}  # noqa: E731
+    extra, orphans = _kaggle_extras(base, {r.mask_path for r in records}) if kaggle else ([], [])
+    missing = [c for c in CLASSES if not (base / c).is_dir()] if kaggle else []
+    keys = {True: ("images", "masks", "pairs"), False: ("images", "unpaired_images")}
+    counts = Counter((r.class_name, k) for r in records for k in keys[r.mask_path is not None])
+    counts.update((name, k) for _, name in orphans for k in ("masks", "orphan_masks"))
+    masks = [r.mask_path for r in records if r.mask_path] + [p for p, _ in orphans]
+    paths, kinds = [r.path for r in records] + masks, [False] * len(records) + [True] * len(masks)
+    infos = inspect_files(paths, masks=kinds, workers=workers, cache_file=cache_file or inspection_cache_file(base))
+    images, good_masks = infos[: len(records)], [i for i in infos[len(records) :] if i.ok]
+    labels = [r.label for r in records]
 
     def stats(group: Sequence[FileInfo]) -> dict[str, Any]:
         good = [i for i in group if i.ok]
-        return {
-            "total": len(group),
-            "readable": len(good),
-            "sizes": dict(Counter(i.size for i in good).most_common()),
-            "modes": dict(Counter(i.mode for i in good).most_common()),
-            "formats": dict(Counter(i.format for i in good).most_common()),
-        }
+        found = {f"{k}s": dict(Counter(getattr(i, k) for i in good).most_common()) for k in ("size", "mode", "format")}
+        return {"total": len(group), "readable": len(good), **found}
 
-    unreadable = [
-        {"path": rel(i.path), "kind": kind, "problem": i.problem}
-        for kind, group in (("image", image_infos), ("mask", mask_infos))
-        for i in group
-        if not i.ok
-    ]
-    good_masks = [i for i in mask_infos if i.ok]
+    unreadable = [{"path": rel(i.path), "kind": "mask" if m else "image", "problem": i.problem}
+                  for i, m in zip(infos, kinds) if not i.ok]  # fmt: skip
     non_binary = [f"{rel(i.path)} ({i.mask_values})" for i in good_masks if not i.mask_binary]
     zero_one = [rel(i.path) for i in good_masks if i.mask_values in ("0,1", "1")]
-    wrong_size = [
-        f"{rel(i.path)} ({i.size})"
-        for i in good_masks
-        if expected_mask_size is not None and (i.width, i.height) != expected_mask_size
+    size = f"{MASK_SIZE}x{MASK_SIZE}" if kaggle else None
+    wrong_size = [f"{rel(i.path)} ({i.size})" for i in good_masks if size and i.size != size]
+    groups = duplicate_groups(images, max_distance=max_distance, confirm=thumbnail_confirmer(images))
+    multi = sorted(group_members(groups), key=lambda m: (-(len({labels[i] for i in m}) > 1), -len(m), m[0]))
+    dups = {"max_distance": max_distance, **summarize_groups(groups, labels), "examples": [
+        {
+            "classes": [class_names[k] for k in sorted({labels[i] for i in m})],
+            "exact": len({images[i].content_hash for i in m}) == 1,
+            "max_phash_distance": max((images[a].phash ^ images[b].phash).bit_count() for a in m for b in m),
+            "paths": [rel(images[i].path) for i in m],
+        }
+        for m in multi[:EXAMPLES]
+    ]}  # fmt: skip
+    bad_images = sum(u["kind"] == "image" for u in unreadable)
+    bad_masks, stops = len(unreadable) - bad_images, "stops on bad files; remove or replace them"
+    empty = [c for c in class_names if c not in missing and not counts[c, "images"]]
+    blocking = [
+        (not records, f"no images found under {base} (expected <Class>/images/*.png)"),
+        (bad_images, f"{bad_images} unreadable image file(s): training {stops}"),
+        (bad_masks, f"{bad_masks} unreadable mask file(s): segmentation {stops}"),
     ]
-
-    groups = duplicate_groups(image_infos, max_distance=max_distance, confirm=thumbnail_confirmer(image_infos))
-    multi = sorted(
-        group_members(groups),
-        key=lambda m: (-(len({labels[i] for i in m}) > 1), -len(m), m[0]),
-    )
-    dup_examples = []
-    for m in multi[:examples]:
-        hashes = [image_infos[i].phash for i in m]
-        dup_examples.append(
-            {
-                "classes": [class_names[k] for k in sorted({labels[i] for i in m})],
-                "exact": len({image_infos[i].content_hash for i in m}) == 1,
-                "max_phash_distance": max(hamming(a, b) for a in hashes for b in hashes),
-                "paths": [rel(image_infos[i].path) for i in m],
-            }
-        )
-    duplicates = {"max_distance": max_distance, **summarize_groups(groups, labels), "examples": dup_examples}
-
-    blocking: list[str] = []
-    warnings: list[str] = []
-    bad_images = sum(1 for u in unreadable if u["kind"] == "image")
-    bad_masks = len(unreadable) - bad_images
-    if not images:
-        blocking.append(f"no images found under {base} (expected <Class>/images/*.png)")
-    if bad_images:
-        blocking.append(f"{bad_images} unreadable image file(s): training stops on bad files; remove or replace them")
-    if bad_masks:
-        blocking.append(f"{bad_masks} unreadable mask file(s): segmentation stops on bad files; remove or replace them")
-    if missing:
-        warnings.append(f"missing class folder(s): {', '.join(missing)}")
-    empty = [c for c, v in per_class.items() if v["images"] == 0]
-    if empty:
-        warnings.append(f"class folder(s) without images: {', '.join(empty)}")
-    if images and not any(v["pairs"] for v in per_class.values()):
-        warnings.append("no image+mask pairs: segmentation cannot be trained")
-    if non_binary:
-        warnings.append(f"{len(non_binary)} mask(s) with values other than 0/255 (read as lung where > 127)")
-    if zero_one:
-        warnings.append(f"{len(zero_one)} mask(s) with values 0/1: load_mask reads them as empty (lung = > 127)")
-    if wrong_size:
-        warnings.append(f"{len(wrong_size)} mask(s) not {MASK_SIZE}x{MASK_SIZE}")  # Kaggle layout only
-    if orphans:
-        warnings.append(f"{len(orphans)} mask(s) without an image")
-    if duplicates["groups"]:
-        warnings.append(
-            f"{duplicates['groups']} duplicate group(s) ({duplicates['images']} images, "
-            f"{duplicates['cross_class_groups']} across classes): split by group to avoid leakage"
-        )
-
+    warnings = [
+        (missing, f"missing class folder(s): {', '.join(missing)}"),
+        (empty, f"class folder(s) without images: {', '.join(empty)}"),
+        (records and not any(r.mask_path for r in records), "no image+mask pairs: segmentation cannot be trained"),
+        (non_binary, f"{len(non_binary)} mask(s) with values other than 0/255 (read as lung where > 127)"),
+        (zero_one, f"{len(zero_one)} mask(s) with values 0/1: load_mask reads them as empty (lung = > 127)"),
+        (wrong_size, f"{len(wrong_size)} mask(s) not {size}"),
+        (orphans, f"{len(orphans)} mask(s) without an image"),
+        (dups["groups"], f"{dups['groups']} duplicate group(s) ({dups['images']} images, "
+         f"{dups['cross_class_groups']} across classes): split by group to avoid leakage"),
+    ]  # fmt: skip
+    patients = {r.group for r in records if r.group is not None}
+    splits = dict(Counter(source.splits)) if source.splits is not None else None
+    manifest = {"kind": "manifest", "manifest": str(source.manifest), "splits": splits, "patient_groups": len(patients)}
     return {
         "root": str(base),
-        "source": layout.source,
+        "source": {"kind": "kaggle"} if kaggle else manifest,
         "class_names": list(class_names),
-        "classes": per_class,
+        "classes": {n: {k: counts[n, k] for k in COLUMNS} for n in class_names if n not in missing},
         "missing_classes": missing,
         "extra_folders": extra,
-        "images": stats(image_infos),
+        "images": stats(images),
         "masks": {
-            **stats(mask_infos),
-            "expected_size": f"{MASK_SIZE}x{MASK_SIZE}" if expected_mask_size else None,
-            "non_binary": _examples(non_binary, examples),
-            "zero_one": _examples(zero_one, examples),
-            "wrong_size": _examples(wrong_size, examples),
-        },
-        "unpaired_images": _examples(unpaired, examples),
-        "orphan_masks": _examples(orphans, examples),
+            **stats(infos[len(records) :]),
+            "expected_size": size,
+            "non_binary": examples(non_binary),
+            "zero_one": examples(zero_one),
+            "wrong_size": examples(wrong_size),
+        },  # fmt: skip
+        "unpaired_images": examples([rel(r.path) for r in records if r.mask_path is None]),
+        "orphan_masks": examples([rel(p) for p, _ in orphans]),
         "unreadable": unreadable,
-        "duplicates": duplicates,
-        "trainable": not blocking,
-        "blocking": blocking,
-        "warnings": warnings,
+        "duplicates": dups,
+        "trainable": not any(found for found, _ in blocking),
+        "blocking": [message for found, message in blocking if found],
+        "warnings": [message for found, message in warnings if found],
     }
 
 
-def _counts(d: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in d.items()) or "-"
-
-
 def format_report(report: dict[str, Any]) -> str:
-    """A readable text summary of :func:`check_dataset`'s report."""
-    source = report.get("source") or {"kind": "kaggle"}
+    """The text summary of :func:`check_dataset`'s report (the JSON report lists every example)."""
+    source, counts = report["source"], lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "-"
+    lines = [f"Dataset: {report['root']}"]
     if source["kind"] == "manifest":
         lines = [f"Manifest: {source['manifest']} (paths relative to {report['root']})"]
-        if source.get("splits"):
-            lines.append(f"Split given by the manifest: {_counts(source['splits'])}")
-        if source.get("patient_groups"):
+        if source["splits"]:
+            lines.append(f"Split given by the manifest: {counts(source['splits'])}")
+        if source["patient_groups"]:
             lines.append(f"Patient groups: {source['patient_groups']} (each kept within one split)")
-        lines.append("")
-    else:
-        lines = [f"Dataset: {report['root']}", ""]
-    cols = ("images", "masks", "pairs", "unpaired_images", "orphan_masks")
+    rows = [(name, report["classes"].get(name)) for name in report["class_names"]]
+    rows.append(("total", {c: sum(row[c] for row in report["classes"].values()) for c in COLUMNS}))
     heads = ("images", "masks", "pairs", "unpaired", "orphan masks")
-    lines.append(f"{'class':<16}" + "".join(f"{h:>14}" for h in heads))
-    totals = dict.fromkeys(cols, 0)
-    for name in report.get("class_names", CLASSES):
-        row = report["classes"].get(name)
-        if row is None:
-            lines.append(f"{name:<16}{'(missing)':>14}")
-            continue
-        lines.append(f"{name:<16}" + "".join(f"{row[c]:>14}" for c in cols))
-        for c in cols:
-            totals[c] += row[c]
-    lines.append(f"{'total':<16}" + "".join(f"{totals[c]:>14}" for c in cols))
-    lines.append("")
+    lines += ["", f"{'class':<16}" + "".join(f"{h:>14}" for h in heads)]
+    lines += [f"{n:<16}" + ("".join(f"{r[c]:>14}" for c in COLUMNS) if r else f"{'(missing)':>14}") for n, r in rows]
     for kind in ("images", "masks"):
         s = report[kind]
-        lines.append(
-            f"{kind.capitalize()}: {s['readable']} of {s['total']} readable; sizes: {_counts(s['sizes'])}; "
-            f"modes: {_counts(s['modes'])}; formats: {_counts(s['formats'])}"
-        )
-    m = report["masks"]
-    for key, what in (
-        ("non_binary", "values other than 0/255"),
-        ("zero_one", "values 0/1"),
-        ("wrong_size", f"size not {m['expected_size']}"),
-    ):
-        if m[key]["count"]:
-            lines.append(f"  masks with {what}: {m[key]['count']} (e.g. {', '.join(m[key]['examples'])})")
-    for key, what in (("unpaired_images", "Images without a mask"), ("orphan_masks", "Masks without an image")):
-        e = report[key]
-        lines.append(f"{what}: {e['count']}" + (f" (e.g. {', '.join(e['examples'][:5])})" if e["count"] else ""))
-    lines.append(f"Unreadable files: {len(report['unreadable'])}")
-    lines += [f"  {u['path']} ({u['kind']}): {u['problem']}" for u in report["unreadable"]]
+        found = "; ".join(f"{k}: {counts(s[k])}" for k in ("sizes", "modes", "formats"))
+        lines.append(f"{kind.capitalize()}: {s['readable']} of {s['total']} readable; {found}")
+    lines += [f"Unreadable: {u['path']} ({u['kind']}): {u['problem']}" for u in report["unreadable"]]
     d = report["duplicates"]
-    lines.append(
-        f"Duplicate groups (same pixels or pHash distance <= {d['max_distance']}): {d['groups']} groups, "
-        f"{d['images']} images, {d['cross_class_groups']} across classes"
-    )
-    for g in d["examples"]:
-        how = "exact" if g["exact"] else f"pHash distance <= {g['max_phash_distance']}"
-        lines.append(f"  [{'/'.join(g['classes'])}; {how}] {', '.join(g['paths'])}")
-    if d["groups"] > len(d["examples"]):
-        lines.append(f"  ... {d['groups'] - len(d['examples'])} more group(s) in the JSON report")
+    lines.append(f"Duplicate groups (same pixels or pHash distance <= {d['max_distance']}): {d['groups']}")
+    lines += [f"  [{'/'.join(g['classes'])}] {', '.join(g['paths'])}" for g in d["examples"]]
     if report["extra_folders"]:
         lines.append(f"Ignored folders: {', '.join(report['extra_folders'])}")
-    if report["missing_classes"]:
-        lines.append(f"Missing classes: {', '.join(report['missing_classes'])}")
-    lines.append("")
-    lines += [f"Warning: {w}" for w in report["warnings"]]
-    lines += [f"BLOCKING: {b}" for b in report["blocking"]]
-    lines.append("Trainable: " + ("yes" if report["trainable"] else "NO"))
-    return "\n".join(lines)
+    lines += ["", *(f"Warning: {w}" for w in report["warnings"]), *(f"BLOCKING: {b}" for b in report["blocking"])]
+    return "\n".join([*lines, "Trainable: " + ("yes" if report["trainable"] else "NO")])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``covid-lightning check-data ROOT|--manifest FILE [--json OUT] [--max-distance N] [--workers N] [--cache FILE]``.
+def check_data(
+    root: Path, json: Path | None = None, max_distance: int = DEFAULT_MAX_DISTANCE, workers: int | None = None
+) -> int:
+    """Report a dataset's counts, unreadable, unpaired and duplicate files; exit status 1 if it cannot be trained.
 
-    Exit status: 0 trainable, 1 not trainable (bad files, no images), 2 no dataset at ``ROOT`` (or a malformed
-    manifest).
+    Args:
+        root: the dataset folder, a folder holding COVID-19_Radiography_Dataset/, or a manifest (.csv/.parquet).
+        json: also write the full report as JSON to this file.
+        max_distance: pHash Hamming distance up to which two images are near duplicates.
+        workers: decoding threads (default: the usable CPUs).
     """
-    parser = argparse.ArgumentParser(
-        prog="covid-lightning check-data",
-        description="Decode every image and mask of a COVID-19 Radiography Database folder, or of the files a "
-        "manifest lists, and report bad, unpaired and duplicate files.",
-    )
-    parser.add_argument(
-        "root",
-        nargs="?",
-        help="the dataset folder, a folder containing COVID-19_Radiography_Dataset/, or a manifest .csv/.parquet",
-    )
-    parser.add_argument("--manifest", type=Path, metavar="FILE", help="a manifest (path, label, mask_path, ...)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the full report as JSON here")
-    parser.add_argument(
-        "--max-distance", type=int, default=DEFAULT_MAX_DISTANCE, help="pHash Hamming distance of near duplicates"
-    )
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores)")
-    parser.add_argument("--cache", type=Path, metavar="FILE", help="JSON cache of per-file results for re-runs")
-    parser.add_argument("--examples", type=int, default=10, help="examples listed per finding")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if (args.root is None) == (args.manifest is None):
-        parser.error("give the dataset folder (ROOT) or --manifest FILE, one of them")
-    try:
-        report = check_dataset(
-            args.root,
-            manifest=args.manifest,
-            max_distance=args.max_distance,
-            workers=args.workers,
-            cache_file=args.cache,
-            examples=args.examples,
-        )
-    except DatasetError as err:
-        print(f"check-data: {err}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    report = check_dataset(root, max_distance=max_distance, workers=workers)
+    print(format_report(report), flush=True)
+    if json is not None:
+        json.parent.mkdir(parents=True, exist_ok=True)
+        json.write_text(dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0 if report["trainable"] else 1
-
-
-def inspection_cache_file(dataset_root: str | Path) -> Path:
-    """Where the per-file inspection results of a dataset folder are cached (the user's cache dir:
-    dataset folders are often read-only)."""
-    base = cache_dir("inspect")
-    key = hashlib.sha1(str(Path(dataset_root).resolve()).encode()).hexdigest()[:16]
-    return base / f"{key}.json"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

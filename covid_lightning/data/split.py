@@ -1,23 +1,22 @@
-"""Seeded stratified, group-aware train/val/test split of records, and its CSV manifest (``split.csv``)."""
+"""Record selection (source -> screening -> split), the seeded stratified group-aware split, and ``split.csv``."""
 
 from __future__ import annotations
 
 import csv
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from covid_lightning.data.hygiene import Screening, screen_records
-from covid_lightning.data.scan import CLASSES, DatasetError, Record, relative_path
+from covid_lightning.data.hygiene import Screening, inspection_cache_file, screen_records
+from covid_lightning.data.scan import CLASSES, DatasetError, Record, Source, read_records, relative_path
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ("path", "mask_path", "label", "class_name", "split")
-#: optional column: the duplicate group of the image (same group = same or near-same image, same split)
-GROUP_FIELD = "group"
+MANIFEST_FIELDS = ("path", "mask_path", "label", "class_name", "split", "group")
 
 
 def stratified_split(
@@ -27,13 +26,11 @@ def stratified_split(
     seed: int = 42,
     groups: Sequence[int] | None = None,
 ) -> list[str]:
-    """Assign each item to ``train``/``val``/``test``, class by class, keeping each group in one split.
+    """``train``/``val``/``test`` per item, class by class, each group (default: each item) in one split.
 
-    Per class, the groups (by default every item is its own group) are shuffled with a generator
-    seeded by ``seed`` and taken in that order: a group goes to val while val has room for it
-    (``round(n * val_fraction)`` items of the class), then to test likewise, else to train. With
-    singleton groups this is an exact stratified split; with duplicate groups (the same image twice)
-    no group straddles two splits. A group is filed under the class of its first item.
+    Per class the groups are shuffled (seeded) and each goes to val while val has room for it
+    (``round(n * val_fraction)`` items), then to test likewise, else to train. A group is filed under the
+    class of its first item.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
@@ -41,8 +38,6 @@ def stratified_split(
         )
     labels = np.asarray(labels)
     groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
-    if len(groups) != len(labels):
-        raise ValueError(f"{len(groups)} group ids for {len(labels)} items.")
     rng = np.random.default_rng(seed)
     out = np.full(len(labels), "train", dtype=object)
     members: dict[int, list[int]] = {}
@@ -63,11 +58,8 @@ def stratified_split(
 
 
 def merge_groups(duplicates: Sequence[int], patients: Sequence[str | None]) -> list[int]:
-    """One group id per item joining both partitions: same duplicate group or same patient (None: no patient)
-    = same group, transitively. Ids are 0, 1, ... in order of first appearance (without patients: the
-    duplicate groups renumbered that way, which :func:`~covid_lightning.data.hygiene.duplicate_groups` already is)."""
-    if len(duplicates) != len(patients):
-        raise ValueError(f"{len(duplicates)} duplicate groups for {len(patients)} patient groups.")
+    """One group id per item: same duplicate group or same patient (None: none) = same group, transitively.
+    Ids are 0, 1, ... in order of first appearance."""
     parent = list(range(len(duplicates)))
 
     def find(i: int) -> int:
@@ -77,43 +69,75 @@ def merge_groups(duplicates: Sequence[int], patients: Sequence[str | None]) -> l
         return i
 
     first: dict[tuple[str, object], int] = {}
-    for i, (dup, patient) in enumerate(zip(duplicates, patients)):
+    for i, (dup, patient) in enumerate(zip(duplicates, patients, strict=True)):
         for key in (("dup", dup), ("patient", patient)) if patient is not None else (("dup", dup),):
-            j = first.setdefault(key, i)
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
+            ri, rj = find(i), find(first.setdefault(key, i))
+            parent[max(ri, rj)] = min(ri, rj)
     ids: dict[int, int] = {}
     return [ids.setdefault(find(i), len(ids)) for i in range(len(duplicates))]
 
 
-def split_records(
-    records: Sequence[Record],
+@dataclass
+class Selection:
+    """The records a run (or a stream) uses: the source, the screening, each kept record's split and group."""
+
+    source: Source
+    screening: Screening
+    splits: list[str]
+    groups: list[int]
+    masks: bool  # records carry their lung masks
+    given_split: bool  # the manifest's split column was used as it is
+
+    def records(self, split: str) -> list[Record]:
+        return [r for r, s in zip(self.screening.records, self.splits) if s == split]
+
+
+def select_records(
+    root: str | Path,
     *,
-    splits: Sequence[str] | None = None,
+    masks: bool | None = False,
+    split_file: str | Path | None = None,
     val_fraction: float = 0.3,
     test_fraction: float = 0.0,
     seed: int = 42,
     on_bad_file: str = "error",
     duplicates: str = "near",
-    cache_file: str | Path | None = None,
-) -> tuple[Screening, list[str], list[int]]:
-    """Screen ``records`` (bad files stop the run or are skipped) and give each kept record a split and a group.
+) -> Selection:
+    """The one way from a data source (a Kaggle-layout folder or a manifest file) to split records, shared by the
+    DataModules and ``optimize``: read, screen (bad files, duplicate groups), then split: a split file as it is,
+    the manifest's split column as it is, or a seeded stratified split keeping duplicates and patients together.
 
-    With ``splits`` (a manifest's split column, or a split file) they are used as they are; otherwise a seeded
-    stratified split keeps each group in one split: duplicate images (``duplicates``) and the records' own
-    groups (patients) joined. Returns the screening, the splits and the groups of the kept records.
+    ``masks``: True pairs images with masks (unpaired skipped), False images only, None masks when every image
+    has one.
     """
-    records = list(records)
-    grouping = "none" if splits is not None else duplicates  # a given split needs no duplicate groups
-    screened = screen_records(records, on_bad_file=on_bad_file, duplicates=grouping, cache_file=cache_file)
+    source = read_records(root, with_masks=None if split_file else masks)  # type: ignore[arg-type]
+    records, splits = source.records, source.splits
+    if masks is None and source.manifest is None and split_file is None:
+        candidates = [r.path.parent.parent / "masks" / r.path.name for r in records]
+        if all(r.path.parent.name == "images" and m.is_file() for r, m in zip(records, candidates)):
+            records = [replace(r, mask_path=m) for r, m in zip(records, candidates)]
+    if split_file is not None:
+        records, splits = read_manifest(split_file, source.base, source.class_names)
+        if masks and any(r.mask_path is None for r in records):
+            raise DatasetError(f"{split_file} has rows without a mask_path; it is not a segmentation split.")
+    if masks is None:
+        masks = all(r.mask_path is not None for r in records)
+        if not masks:
+            log.info("Not every image has a lung mask: storing images only (masks=True pairs and skips).")
+    if not masks:
+        records = [replace(r, mask_path=None) for r in records]
+    given = splits is not None
+    screened = screen_records(
+        records,
+        on_bad_file=on_bad_file,
+        duplicates="none" if given else duplicates,  # a given split needs no duplicate groups
+        cache_file=inspection_cache_file(source.base),
+    )
     kept = screened.records
     groups = merge_groups(screened.groups, [r.group for r in kept])
-    if splits is None:
-        out = stratified_split(
-            [r.label for r in kept], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, groups=groups
-        )
-        return screened, out, groups
+    if not given:
+        out = stratified_split([r.label for r in kept], val_fraction, test_fraction, seed, groups)
+        return Selection(source, screened, out, groups, masks, False)
     split_of = {r.path: s for r, s in zip(records, splits, strict=True)}
     out = [split_of[r.path] for r in kept]
     spread: dict[int, set[str]] = {}
@@ -126,34 +150,28 @@ def split_records(
             "train and val/test inflate the scores. Drop the split column for a group-aware split.",
             crossing,
         )
-    return screened, out, groups
+    return Selection(source, screened, out, groups, masks, split_file is None)
 
 
 def write_manifest(
-    path: str | Path,
-    records: Sequence[Record],
-    splits: Sequence[str],
-    root: Path,
-    groups: Sequence[int] | None = None,
+    path: str | Path, records: Sequence[Record], splits: Sequence[str], root: Path, groups: Sequence[int] | None = None
 ) -> Path:
-    """Write one row per record: paths relative to ``root``, label, class name, split, group."""
+    """One row per record: paths relative to ``root``, label, class name, split, group."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     groups = range(len(records)) if groups is None else groups
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow((*MANIFEST_FIELDS, GROUP_FIELD))
+        w.writerow(MANIFEST_FIELDS)
         for r, s, g in zip(records, splits, groups, strict=True):
             mask = relative_path(r.mask_path, root) if r.mask_path else ""
             w.writerow([relative_path(r.path, root), mask, r.label, r.class_name, s, g])
     return path
 
 
-def read_manifest(
-    path: str | Path, root: Path, class_names: Sequence[str] = CLASSES
-) -> tuple[list[Record], list[str]]:
-    """Read a manifest written by :func:`write_manifest`; paths are resolved against ``root``, labels checked
-    against ``class_names`` (the data source's); its ``group`` column, when present, becomes the records' groups."""
+def read_manifest(path: str | Path, root: Path, class_names: Sequence[str] = CLASSES) -> tuple[list[Record], list[str]]:
+    """Read a :func:`write_manifest` file: paths resolved against ``root``, labels checked against
+    ``class_names`` (the data source's); its ``group`` column becomes the records' groups."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"Split manifest {path} does not exist.")
@@ -161,7 +179,7 @@ def read_manifest(
     records, splits = [], []
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or ())
+        missing = set(MANIFEST_FIELDS[:-1]) - set(reader.fieldnames or ())
         if missing:
             raise DatasetError(f"Split manifest {path} lacks columns {sorted(missing)}.")
         for row in reader:
@@ -173,14 +191,12 @@ def read_manifest(
                     f"{path}: label {row['label']} / class {name!r} disagree with the data's classes "
                     f"({', '.join(class_names)}). Is it the split of this data source?"
                 )
-            image = root / row["path"]
-            if not image.is_file():
+            if not (root / row["path"]).is_file():
                 raise DatasetError(
                     f"{path} lists {row['path']}, which is not under {root}. Is data.root (or data.manifest) the "
                     "data the split was written for?"
                 )
             mask = root / row["mask_path"] if row["mask_path"] else None
-            group = row.get(GROUP_FIELD) or None
-            records.append(Record(image, int(row["label"]), mask, class_name=name, group=group))
+            records.append(Record(root / row["path"], int(row["label"]), mask, name, row.get("group") or None))
             splits.append(row["split"])
     return records, splits

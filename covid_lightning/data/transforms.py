@@ -1,24 +1,13 @@
-"""Image loading and the albumentations pipelines (train/eval x classification/segmentation).
-
-PNG decoding goes through OpenCV (~1.7x faster than PIL on the Kaggle PNGs: about
-1.0 vs 1.9 ms per 299x299 image on one core) and falls back to PIL, with the same result, where OpenCV
-returns something other than 8-bit (16-bit gray, scaled as :func:`to_rgb_array` does) or cannot read the
-file (PIL then raises the error that names it). DICOM files (by name or content) and bytes go through
-:mod:`covid_lightning.data.dicom` (modality and VOI LUTs, MONOCHROME1 inverted, scaled to 8 bits by the same
-:func:`scale_to_uint8`), so training, predict, ``classify()``/``segment()`` and the server see the same pixels.
-
-The preprocessing contract is deliberately small: decode to RGB uint8, resize to a square
-``image_size`` (bilinear for images, nearest for masks), hand a ``uint8`` CHW tensor to the model.
-Scaling and normalisation happen inside the model (:class:`covid_lightning.models.preprocess.Normalize`),
-so they travel with the checkpoint and an exported model, and no two places can disagree.
-"""
+"""One decode for every input, files or bytes, PNG, JPEG or DICOM (training, predict, ``classify()``/``segment()``,
+the server), and the albumentations pipelines: resize and augment only (scaling and normalisation live in the model)."""
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -28,182 +17,205 @@ import numpy as np  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from covid_lightning.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom, scale_to_uint8  # noqa: E402
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420")  # DICOM photometrics read as RGB
+Source = str | Path | bytes | memoryview
+#: scale, shift (of the size), rotation (degrees) and probability of the affine, brightness/contrast, gamma (%)
+AUGMENT_LIMITS = {"light": (0.05, 0.04, 5, 0.5, 0.1, 10), "strong": (0.1, 0.06, 10, 0.7, 0.15, 20)}
+#: the file's own channels and depth, no EXIF rotation (PIL never rotates either)
+_CV2_FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
+_CV2_TO_RGB = {3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
 
-Augment = Literal["none", "light", "strong"]
-AUGMENTS: tuple[str, ...] = ("none", "light", "strong")
+
+class DicomError(OSError):
+    """A DICOM file cannot be turned into an image (no pydicom, no pixel data, an unsupported layout, corrupt)."""
 
 
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Any PIL image (L, RGB, RGBA, P, 16-bit gray) -> HxWx3 uint8 RGB array."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return np.repeat(scale_to_uint8(arr, 0.0, top)[..., None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
+def has_dicom_magic(data: bytes | memoryview) -> bool:
+    """True for the bytes of a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
+    return bytes(data[128:132]) == b"DICM"
+
+
+def is_dicom(source: Source) -> bool:
+    """DICOM bytes, or a DICOM file by its name (``.dcm``/``.dicom``) or its contents."""
+    if isinstance(source, (bytes, memoryview)):
+        return has_dicom_magic(source)
+    if Path(source).suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(source, "rb") as f:
+            return has_dicom_magic(f.read(132))
+    except OSError:
+        return False
+
+
+def _read(source: Source, *, pixels: bool) -> Any:
+    try:
+        import pydicom
+    except ImportError as err:
+        raise DicomError("reading DICOM needs pydicom: pip install 'covid-lightning[dicom]' (or pydicom)") from err
+    fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, memoryview)) else str(source)
+    try:
+        return pydicom.dcmread(fp, stop_before_pixels=not pixels)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds for a bad file
+        why = str(err).replace(" Use force=True to force reading.", "")  # pydicom's hint is for its own API
+        raise DicomError(f"not a readable DICOM file: {why}") from err
+
+
+def dicom_size(source: Source) -> tuple[int, int]:
+    """``(width, height)`` from the header alone."""
+    ds = _read(source, pixels=False)
+    return int(ds.Columns), int(ds.Rows)
+
+
+def output_range(ds: Any) -> tuple[float, float]:
+    """The values the VOI stage can output: the VOI LUT's bit depth when there is one (pydicom prefers it), else
+    the stored bit depth through the modality LUT (what windowing and no VOI at all both output)."""
+    voi = ds.get("VOILUTSequence")
+    if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
+        return 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
+    modality, bits = ds.get("ModalityLUTSequence"), int(ds.BitsStored)
+    if modality:
+        return 0.0, float(2 ** int(modality[0].LUTDescriptor[2]) - 1)
+    signed = int(ds.get("PixelRepresentation", 0)) != 0
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return float(lo), float(hi)
+
+
+def scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Values in ``lo..hi`` -> uint8, rounded and clipped: the one rule for data deeper than 8 bits."""
+    span = hi - lo if hi > lo else 1.0
+    return np.clip((values - lo) / span * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def read_dicom(source: Source) -> tuple[np.ndarray, str]:
+    """One single-frame DICOM radiograph (path or bytes) -> HxWx3 uint8 RGB and its kind for reports (e.g.
+    ``MONOCHROME1 12-bit``)."""
+    ds = _read(source, pixels=True)
+    photometric, frames = str(ds.get("PhotometricInterpretation", "")), int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DicomError(f"multi-frame DICOM ({frames} frames): one radiograph per file is expected")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", *COLOUR):
+        raise DicomError(f"unsupported PhotometricInterpretation {photometric!r}: expected MONOCHROME1/2 or RGB/YBR")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # noqa: BLE001 - no pixel data, a missing pixel-data handler or corrupt pixel data
+        raise DicomError(f"cannot decode the pixel data: {err}") from err
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if photometric in COLOUR:
+        rgb = arr if arr.dtype == np.uint8 else scale_to_uint8(arr, 0.0, float(2**bits - 1))
+    else:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+        values = np.asarray(apply_voi_lut(apply_modality_lut(arr, ds), ds), dtype=np.float64)
+        lo, hi = output_range(ds)
+        if photometric == "MONOCHROME1":
+            values = lo + hi - values
+        rgb = np.repeat(scale_to_uint8(values, lo, hi)[..., None], 3, axis=2)
+    return np.ascontiguousarray(rgb), f"{photometric} {bits}-bit"
 
 
 class ImageReadError(OSError):
     """An image or mask file could not be decoded; the message names the file."""
 
 
-#: OpenCV's flags: the file's own channels and depth, no EXIF rotation (as PIL, which never rotates).
-CV2_READ_FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
-_CV2_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image (L, RGB, RGBA, P, 16-bit gray) -> HxWx3 uint8 RGB array (16-bit scaled from 0..65535)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return np.repeat(scale_to_uint8(arr, 0.0, top)[..., None], 3, axis=2)
+    return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
 
-#: PNG (the dataset's format) is read through OpenCV, pixel-identical to PIL in every PNG mode; other
-#: formats go through PIL (OpenCV converts CMYK JPEGs and premultiplies TIFF alpha differently).
-CV2_SUFFIXES = frozenset({".png"})
-CV2_SIGNATURES = (b"\x89PNG\r\n\x1a\n",)
-
-
-def cv2_read(path: str | Path) -> np.ndarray | None:
-    """``cv2.imread`` of a PNG file (``None`` for other formats, or where OpenCV fails)."""
-    return cv2.imread(str(path), CV2_READ_FLAGS) if Path(path).suffix.lower() in CV2_SUFFIXES else None
-
-
-def cv2_decode(data: bytes | memoryview) -> np.ndarray | None:
-    """``cv2.imdecode`` of PNG bytes (``None`` for other formats, or where OpenCV fails)."""
-    if not bytes(data[:8]).startswith(CV2_SIGNATURES):
-        return None
-    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), CV2_READ_FLAGS)
-
-
-def rgb_from_cv2(arr: np.ndarray | None) -> np.ndarray | None:
-    """An ``IMREAD_UNCHANGED`` array -> HxWx3 uint8 RGB (alpha dropped, as PIL's ``convert("RGB")``).
-
-    ``None`` where PIL must decode instead: OpenCV failed, or the data is not 8-bit.
-    """
-    if arr is None or arr.dtype != np.uint8:
-        return None
-    code = _CV2_TO_RGB.get(1 if arr.ndim == 2 else arr.shape[2])
-    return None if code is None else cv2.cvtColor(arr, code)
-
-
-def mask_from_cv2(arr: np.ndarray | None) -> np.ndarray | None:
-    """An ``IMREAD_UNCHANGED`` array -> the HxW uint8 gray mask, or ``None`` where PIL must convert.
-
-    Gray stored as RGB (the Kaggle masks: R = G = B) is its first channel, which is exactly PIL's
-    ``convert("L")`` there; colour, 16-bit or unreadable masks go to PIL.
-    """
-    if arr is None or arr.dtype != np.uint8:
+def _from_cv2(source: Source, gray: bool) -> np.ndarray | None:
+    """A PNG through OpenCV (faster, pixel-identical to PIL): HxWx3 RGB, or with ``gray`` HxW when its channels
+    are equal. None where PIL must decode: not a PNG (OpenCV reads CMYK JPEGs otherwise), not 8 bits, colour."""
+    if isinstance(source, (bytes, memoryview)):
+        png = bytes(source[:8]) == b"\x89PNG\r\n\x1a\n"
+        arr = cv2.imdecode(np.frombuffer(source, dtype=np.uint8), _CV2_FLAGS) if png else None
+    else:
+        arr = cv2.imread(str(source), _CV2_FLAGS) if Path(source).suffix.lower() == ".png" else None
+    if arr is None or arr.dtype != np.uint8 or (arr.ndim == 3 and arr.shape[2] not in _CV2_TO_RGB):
         return None
     if arr.ndim == 2:
-        return arr
-    first = arr[..., 0]
-    if arr.shape[2] in (3, 4) and np.array_equal(first, arr[..., 1]) and np.array_equal(first, arr[..., 2]):
-        return np.ascontiguousarray(first)
-    return None
+        return arr if gray else cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
+    if not gray:
+        return cv2.cvtColor(arr, _CV2_TO_RGB[arr.shape[2]])
+    same = np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+    return np.ascontiguousarray(arr[..., 0]) if same else None
 
 
-def binarize_mask(arr: np.ndarray) -> np.ndarray:
-    """HxW uint8 gray -> {0, 1}: > 127 is lung (masks stored as 0/1: > 0)."""
-    return (arr > (127 if arr.max() > 1 else 0)).astype(np.uint8)
-
-
-Source = str | Path | bytes | memoryview
-
-
-def _open(source: Source) -> Image.Image:
-    return Image.open(io.BytesIO(bytes(source)) if isinstance(source, (bytes, memoryview)) else source)
-
-
-def _open_pil_or_dicom(source: Source, *, gray: bool = False) -> np.ndarray:
-    """PIL's decode (RGB, or gray with ``gray``); DICOM (by name or by its ``DICM`` marker) through
-    :func:`covid_lightning.data.dicom.read_dicom`. Unreadable data raises ``OSError``."""
+def _decode(source: Source, gray: bool = False) -> np.ndarray:
+    """HxWx3 uint8 RGB, or with ``gray`` HxW (PIL's ``L`` conversion); unreadable data raises ``OSError``."""
+    decoded = _from_cv2(source, gray)
+    if decoded is not None:
+        return decoded
     if isinstance(source, (bytes, memoryview)) or Path(source).suffix.lower() not in DICOM_SUFFIXES:
         try:
-            with _open(source) as im:
+            with Image.open(io.BytesIO(bytes(source)) if isinstance(source, (bytes, memoryview)) else source) as im:
                 return np.asarray(im.convert("L")) if gray else to_rgb_array(im)
         except UnidentifiedImageError:
             if not is_dicom(source):  # a DICOM without .dcm in its name is recognised by its contents
                 raise
-    rgb = read_dicom(source).rgb
+    rgb = read_dicom(source)[0]
     return np.ascontiguousarray(rgb[..., 0]) if gray else rgb
 
 
 def decode_rgb(source: Source) -> np.ndarray:
-    """A PNG/JPEG/DICOM/... file (path) or its bytes -> HxWx3 uint8 RGB: OpenCV for PNG, pydicom for DICOM,
-    else PIL (gray images repeated over the 3 channels). Unreadable data raises ``OSError``."""
-    decoded = cv2_decode(source) if isinstance(source, (bytes, memoryview)) else cv2_read(source)
-    rgb = rgb_from_cv2(decoded)
-    if rgb is not None:
-        return rgb
-    return _open_pil_or_dicom(source)
+    """A PNG/JPEG/DICOM/... file or its bytes -> HxWx3 uint8 RGB (PNG through OpenCV, DICOM through pydicom, the
+    rest through PIL); unreadable data raises ``OSError``."""
+    return _decode(source)
 
 
 def decode_binary_mask(source: Source) -> np.ndarray:
-    """A mask file (path) or its bytes -> HxW uint8 {0, 1} (:func:`binarize_mask`); OpenCV for PNG, else PIL
-    (or pydicom). Unreadable data raises ``OSError``."""
-    decoded = cv2_decode(source) if isinstance(source, (bytes, memoryview)) else cv2_read(source)
-    gray = mask_from_cv2(decoded)
-    if gray is None:
-        gray = _open_pil_or_dicom(source, gray=True)
-    return binarize_mask(gray)
+    """A mask file or its bytes -> HxW uint8 {0, 1}: > 127 is lung (masks stored as 0/1: > 0)."""
+    gray = _decode(source, gray=True)
+    return (gray > (127 if gray.max() > 1 else 0)).astype(np.uint8)
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file as HxWx3 uint8 RGB (gray images are repeated over the 3 channels)."""
-    try:
-        return decode_rgb(path)
-    except OSError as err:
-        raise ImageReadError(f"Cannot decode image {path}: {err}. Remove or replace the file.") from err
+    """:func:`decode_rgb` of a file; :class:`ImageReadError` names the file."""
+    return _named(decode_rgb, path, "image")
 
 
 def load_mask(path: str | Path) -> np.ndarray:
-    """Decode a lung mask as HxW uint8 with values {0, 1}: > 127 is lung (masks stored as 0/1: > 0)."""
+    """:func:`decode_binary_mask` of a file; :class:`ImageReadError` names the file."""
+    return _named(decode_binary_mask, path, "mask")
+
+
+def _named(decode: Callable[[Source], np.ndarray], path: str | Path, kind: str) -> np.ndarray:
     try:
-        return decode_binary_mask(path)
+        return decode(path)
     except OSError as err:
-        raise ImageReadError(f"Cannot decode mask {path}: {err}. Remove or replace the file.") from err
-
-
-def _augmentations(augment: str) -> list[A.BasicTransform]:
-    """X-ray-safe augmentation: small affine, brightness/contrast/gamma; never a vertical flip.
-
-    No horizontal flip either: the heart is on the patient's left and chest films are read that way.
-    """
-    if augment not in AUGMENTS:
-        raise ValueError(f"Unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}.")
-    if augment == "none":
-        return []
-    strong = augment == "strong"
-    return [
-        A.Affine(
-            scale=(0.9, 1.1) if strong else (0.95, 1.05),
-            translate_percent=(-0.06, 0.06) if strong else (-0.04, 0.04),
-            rotate=(-10, 10) if strong else (-5, 5),
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=0,
-            p=0.7 if strong else 0.5,
-        ),
-        A.RandomBrightnessContrast(
-            brightness_limit=0.15 if strong else 0.1, contrast_limit=0.15 if strong else 0.1, p=0.5
-        ),
-        A.RandomGamma(gamma_limit=(80, 120) if strong else (90, 110), p=0.3),
-    ]
+        raise ImageReadError(f"Cannot decode {kind} {path}: {err}. Remove or replace the file.") from err
 
 
 def build_transform(image_size: int, *, train: bool = False, augment: str = "none") -> A.Compose:
-    """The pipeline for images (and masks, passed as ``mask=``): resize, augment if training, to tensor.
-
-    Geometric transforms move image and mask together; intensity transforms touch the image only.
-    Image and mask may differ in size on input (the Kaggle masks are 256x256, the images 299x299):
-    the first step resizes each to ``image_size`` on its own, so they line up from then on.
-    """
+    """Resize (image bilinear, mask nearest; each on its own, so 299 px images and 256 px masks line up), augment
+    when training, to a uint8 CHW tensor. Augmentation is X-ray-safe: small affine, brightness/contrast/gamma, no
+    flips (the heart is on the patient's left)."""
+    if augment not in ("none", *AUGMENT_LIMITS):
+        raise ValueError(f"Unknown augment {augment!r}; choose none, light or strong.")
     steps: list[A.BasicTransform] = [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
     ]
-    if train:
-        steps += _augmentations(augment)
-    steps.append(ToTensorV2())
-    return A.Compose(steps, is_check_shapes=False)
+    if train and augment != "none":
+        scale, shift, turn, p, light, gamma = AUGMENT_LIMITS[augment]
+        affine = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0, "p": p}
+        steps += [
+            A.Affine(scale=(1 - scale, 1 + scale), translate_percent=(-shift, shift), rotate=(-turn, turn), **affine),
+            A.RandomBrightnessContrast(brightness_limit=light, contrast_limit=light),
+            A.RandomGamma(gamma_limit=(100 - gamma, 100 + gamma), p=0.3),
+        ]
+    return A.Compose([*steps, ToTensorV2()], is_check_shapes=False)
 
 
 def eval_transform(image_size: int) -> A.Compose:
-    """The deterministic preprocessing shared by validation, test, predict and :mod:`covid_lightning.inference`."""
-    return build_transform(image_size, train=False)
+    """The deterministic preprocessing of validation, test, predict and :mod:`covid_lightning.inference`."""
+    return build_transform(image_size)

@@ -16,10 +16,15 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 
 class Normalize(nn.Module):
-    """``uint8`` images (0..255) or float images in [0, 1] -> ``(x / 255 - mean) / std`` as float32."""
+    """``uint8`` images (0..255) or floats in [0, 1] -> ``(x / 255 - mean) / std`` by :data:`NORMALIZATIONS` name
+    (``imagenet`` may bring the backbone's own mean and std)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, name: str, imagenet: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         super().__init__()
+        if name not in NORMALIZATIONS:
+            raise ValueError(f"Unknown normalization {name!r}; choose one of auto, {', '.join(NORMALIZATIONS)}.")
+        mean, std = imagenet if name == "imagenet" and imagenet else NORMALIZATIONS[name]
+        self.name, self.mean_std = name, (list(mean), list(std))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
@@ -29,4 +34,4 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        return f"{self.name}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"

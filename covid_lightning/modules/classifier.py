@@ -61,8 +61,7 @@ class XRayClassifier(XRayModule):
         dropout: dropout after each hidden Dense layer.
         trainable: ``head``, ``last_conv``, ``last_2_conv`` (the lab's regimes), ``last_4_blocks`` or ``all``. Frozen
             layers keep BatchNorm in inference mode for the whole run.
-        class_weights: per-class loss weights, or ``balanced`` to take them from the datamodule's
-            train split at fit time.
+        class_weights: per-class loss weights; the CLI links them from ``data.class_weights`` (e.g. ``balanced``).
         label_smoothing: cross-entropy label smoothing.
         backbone_lr_factor: the trainable backbone layers get ``lr * backbone_lr_factor`` (the head the
             optimizer's ``lr``): gentle fine-tuning of pretrained layers.
@@ -91,7 +90,7 @@ class XRayClassifier(XRayModule):
         hidden_sizes: Sequence[int] = (1024, 512),
         dropout: float = 0.0,
         trainable: str = "head",
-        class_weights: Sequence[float] | Literal["balanced"] | None = None,
+        class_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
         backbone_lr_factor: float = 1.0,
         optimizer: OptimizerCallable | None = None,
@@ -130,7 +129,10 @@ class XRayClassifier(XRayModule):
         self.hparams.update(
             flavor=net.flavor, normalization=net.normalization, num_classes=num_classes, class_names=class_names
         )
-        self.register_buffer("class_weight", self._initial_class_weight(class_weights, num_classes), persistent=False)
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(class_weights)} values, expected {num_classes}.")
+        weight = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
+        self.register_buffer("class_weight", weight, persistent=False)
         self.label_smoothing = label_smoothing
 
         keys = [metric_key(n) for n in class_names]
@@ -159,15 +161,6 @@ class XRayClassifier(XRayModule):
         #: the last computed confusion matrix per stage (rows: true class, columns: predicted class)
         self.confusion_matrices: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def _initial_class_weight(class_weights: Any, num_classes: int) -> torch.Tensor | None:
-        if class_weights is None or class_weights == "balanced":
-            return None
-        weight = torch.as_tensor(list(class_weights), dtype=torch.float32)
-        if weight.numel() != num_classes:
-            raise ValueError(f"class_weights has {weight.numel()} values, expected {num_classes}.")
-        return weight
-
     def param_groups(self) -> list[dict[str, Any]]:
         """Head and trainable backbone parameters; the backbone group is scaled by ``backbone_lr_factor``."""
         head = [p for p in self.net.head.parameters() if p.requires_grad]
@@ -191,11 +184,6 @@ class XRayClassifier(XRayModule):
                 f"({', '.join(map(str, self.class_names))}): build the model with class_names from the data "
                 "(the CLI links data.class_names to the model), or use the data it was trained on."
             )
-        if self.hparams.class_weights == "balanced" and stage == "fit" and self.class_weight is None:
-            dm = self.trainer.datamodule
-            if dm is None or not hasattr(dm, "class_weights"):
-                raise ValueError("class_weights='balanced' needs a datamodule exposing class_weights.")
-            self.class_weight = torch.as_tensor(dm.class_weights, dtype=torch.float32, device=self.device)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

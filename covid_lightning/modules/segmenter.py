@@ -100,7 +100,7 @@ class LungSegmenter(XRayModule):
         self.hparams.update(normalization=self.net.normalization)
         self.dice_loss = smp.losses.DiceLoss(mode="binary", from_logits=True) if loss == "bce_dice" else None
         self.threshold = threshold
-        # Targets are {0, 1} by construction (data.transforms.binarize_mask) and probabilities come from a
+        # Targets are {0, 1} by construction (data.transforms.decode_binary_mask) and probabilities come from a
         # sigmoid, so torchmetrics' per-update input checks (a torch.unique over every pixel) are skipped:
         # the pixel metrics cost ~17 instead of ~40 ms per 16x128x128 batch on a CPU core.
         checks = {"threshold": threshold, "validate_args": False}

@@ -1,4 +1,4 @@
-"""PredictionWriter: CSVs, original-size masks, Grad-CAM overlays, shard merging, the CLI path."""
+"""PredictionWriter: CSVs, original-size masks, Grad-CAM overlays, gathering the ranks' rows, the CLI path."""
 
 from __future__ import annotations
 
@@ -10,15 +10,11 @@ from types import SimpleNamespace
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier
-from covid_lightning.callbacks.prediction_writer import (
-    PredictionWriter,
-    merge_csv_shards,
-    shard_path,
-    write_csv,
-)
+from covid_lightning.callbacks.prediction_writer import PredictionWriter
 from covid_lightning.inference import classify, segment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,42 +123,20 @@ def test_segmenter_masks_at_original_size(segmenter_ckpt: Path, predict_root: Pa
         assert np.mean((mask == 255) != expected) < 1e-3
 
 
-def test_merge_csv_shards(tmp_path: Path):
-    final = tmp_path / "predictions.csv"
-    header = ["path", "predicted", "A", "B"]
-    s0 = write_csv(shard_path(final, 0), header, [["b/2.png", "A", "0.9", "0.1"], ["a 1.png", "B", "0.2", "0.8"]])
-    s1 = write_csv(shard_path(final, 1), header, [["c.png", "A", "0.6", "0.4"], ["a 1.png", "B", "0.2", "0.8"]])
-    assert s0.name == "predictions.rank0.csv" and s1.name == "predictions.rank1.csv"
-    merge_csv_shards([s0, s1], final)
-    rows = _read(final)
-    assert [r["path"] for r in rows] == ["a 1.png", "b/2.png", "c.png"]  # sorted, the duplicate kept once
-    assert list(rows[0]) == header and rows[1]["A"] == "0.9"
-    assert not s0.exists() and not s1.exists()
-
-    write_csv(s0, header, [])
-    write_csv(s1, ["path", "other"], [])
-    with pytest.raises(ValueError, match="columns"):
-        merge_csv_shards([s0, s1], final)
-    with pytest.raises(FileNotFoundError, match="rank2"):
-        merge_csv_shards([s0, shard_path(final, 2)], final)
-
-
-def test_multi_rank_epoch_end_writes_shards_then_rank0_merges(tmp_path: Path):
-    """The writer's DDP path with a stand-in trainer: shards per rank, barrier, rank 0 merges."""
-    barriers: list[str] = []
-
-    def fake_trainer(rank: int) -> SimpleNamespace:
-        strategy = SimpleNamespace(barrier=lambda name=None: barriers.append(name))
-        return SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0, strategy=strategy)
-
-    for rank, rows in ((1, [["z.png", "m/z.png", "0.5"]]), (0, [["a.png", "m/a.png", "0.25"]])):
+def test_multi_rank_epoch_end_gathers_on_rank0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The writer's DDP path with a stand-in trainer: rank 0 gathers every rank's rows (sorted, repeats once)."""
+    parts = [[["z.png", "masks/z.png", "0.5"], ["a 1.png", "masks/a 1.png", "0.25"]],
+             [["a 1.png", "masks/a 1.png", "0.25"], ["b/2.png", "masks/b/2.png", "0.75"]]]  # fmt: skip
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, rows: out.__setitem__(slice(None), parts))
+    for rank in (1, 0):
         writer = PredictionWriter(output_dir=str(tmp_path))
-        writer.out_dir, writer._header, writer._rows = tmp_path, ["path", "mask_path", "lung_fraction"], rows
-        writer.on_predict_epoch_end(fake_trainer(rank), None)
-    assert [r["path"] for r in _read(tmp_path / "lung_area.csv")] == ["a.png", "z.png"]
+        writer.out_dir, writer._task, writer._rows = tmp_path, "segmentation", parts[rank]
+        writer._header = ["path", "mask_path", "lung_fraction"]
+        writer.on_predict_epoch_end(SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0), None)
+        assert (tmp_path / "lung_area.csv").exists() == (rank == 0)  # only rank 0 writes
+    rows = _read(tmp_path / "lung_area.csv")
+    assert [r["path"] for r in rows] == ["a 1.png", "b/2.png", "z.png"] and rows[1]["lung_fraction"] == "0.75"
     assert writer.csv_path == tmp_path / "lung_area.csv"
-    assert not list(tmp_path.glob("*.rank*.csv"))
-    assert len(barriers) == 4
 
 
 def test_gradcam_needs_a_classifier(segmenter_ckpt: Path, predict_root: Path, tmp_path: Path):

@@ -17,7 +17,6 @@ from covid_lightning.callbacks.reports import (
     EvaluationReport,
     classification_table,
     confusion_matrix,
-    segmentation_metrics,
     to_markdown,
     to_text,
 )
@@ -141,23 +140,6 @@ def test_text_is_sklearns_classification_report():
         assert to_text(rows, digits) == expected
     auc = sklearn_metrics.roc_auc_score(target.numpy(), probs.numpy(), multi_class="ovr", average=None)
     assert [r["auroc"] for r in rows[:4]] == pytest.approx(auc.tolist())
-
-
-def test_segmentation_metrics_by_hand():
-    g = torch.Generator().manual_seed(1)
-    probs = torch.rand(3, 1, 8, 8, generator=g)
-    target = (torch.rand(3, 1, 8, 8, generator=g) > 0.5).long()
-    pred = (probs > 0.5).numpy()
-    t = target.numpy().astype(bool)
-    tp, fp, fn, tn = (pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum(), (~pred & ~t).sum()
-    values = segmentation_metrics(probs, target, threshold=0.5)
-    assert values["iou"] == pytest.approx(tp / (tp + fp + fn))
-    assert values["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
-    assert values["precision"] == pytest.approx(tp / (tp + fp))
-    assert values["recall"] == pytest.approx(tp / (tp + fn))
-    assert values["accuracy"] == pytest.approx((tp + tn) / t.size)
-    per_image = [2 * (p & m).sum() / (p.sum() + m.sum()) for p, m in zip(pred, t)]
-    assert values["dice_per_image"] == pytest.approx(np.mean(per_image))
 
 
 # with a Trainer ----------------------------------------------------------------------------------------

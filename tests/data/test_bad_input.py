@@ -181,7 +181,7 @@ def test_planted_duplicates_never_straddle_the_split(data: Path, tmp_path: Path)
     for seed in range(3):
         dm = _setup(data, seed=seed)
         assert straddling(dm) == 0
-        assert dm.screening.duplicates["groups"] >= 8
+        assert dm.selection.screening.duplicates["groups"] >= 8
     # the manifest records the groups
     import lightning as L
 
@@ -285,11 +285,3 @@ def test_dangling_mask_symlink_is_unreadable_not_unpaired(data: Path):
     os.symlink(data / "nowhere.png", mask)
     with pytest.raises(DatasetError, match=r"COVID-2\.png: dangling symlink"):
         _setup(data, LungSegmentationDataModule)
-
-
-def test_scan_with_file_checks_names_a_dangling_symlink(data: Path):
-    from covid_lightning.data.scan import scan_dataset
-
-    os.symlink(data / "nowhere.png", data / "COVID" / "images" / "COVID-99.png")
-    with pytest.raises(DatasetError, match=r"COVID-99\.png"):
-        scan_dataset(data, check_files=True)

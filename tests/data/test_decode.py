@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from covid_lightning.data.streaming import decode_image, decode_mask
-from covid_lightning.data.transforms import ImageReadError, cv2_read, load_image, load_mask, to_rgb_array
+from covid_lightning.data.transforms import ImageReadError, load_image, load_mask, to_rgb_array
 
 RNG = np.random.default_rng(0)
 PIXELS = RNG.integers(0, 256, (37, 41, 3), dtype=np.uint8)
@@ -42,13 +42,6 @@ def test_load_image_matches_pil(tmp_path: Path, ext: str, mode: str):
     assert got.dtype == np.uint8 and got.shape == (37, 41, 3)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(decode_image(path.read_bytes()), expected)
-
-
-def test_fast_path_is_taken_for_png_only(tmp_path: Path):
-    for ext in ("png", "PNG", "jpg", "tif"):
-        path = tmp_path / f"x.{ext}"
-        _image("RGB").save(path, format="PNG" if ext == "PNG" else None)
-        assert (cv2_read(path) is not None) == (ext.lower() == "png")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "zero-one", "colour", "I;16"])

@@ -163,7 +163,7 @@ def dicom_dataset(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_dicom_in_the_kaggle_layout(dicom_dataset: Path, caplog: pytest.LogCaptureFixture):
     """Scanned like PNGs; a bad one stops the run naming it, or is skipped and counted; check-data reports them."""
-    records = scan_dataset(dicom_dataset, check_files=False)
+    records = scan_dataset(dicom_dataset)
     assert sum(r.path.suffix == ".dcm" for r in records) == 9
     with pytest.raises(DatasetError, match=r"Normal-bad\.dcm: (corrupt|truncated) DICOM"):
         RadiographyDataModule(root=str(dicom_dataset), image_size=32, num_workers=0).setup("fit")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import shutil
@@ -84,7 +83,7 @@ def test_same_arrays_as_decode_and_resize(records: list[Record], storage: str, s
     with pytest.raises(IndexError):
         images[len(records)]
     # every demo image is gray (L, or RGB with R = G = B): one byte per pixel
-    assert images.color_count == 0 and images.nbytes == 32 * size * size
+    assert images.nbytes == 32 * size * size
 
 
 @pytest.mark.parametrize("storage", ["memory", "disk"])
@@ -109,11 +108,10 @@ def test_color_images_kept_in_full(data_copy: list[Record], storage: str, tmp_pa
     tinted = data_copy[3].path
     Image.fromarray(rng.integers(0, 256, (299, 299, 3), dtype=np.uint8), "RGB").save(tinted)
     cache = DecodedCache.build(_paths(data_copy, "image"), 224, storage=storage, cache_dir=tmp_path / "c", workers=2)
-    assert cache.color_count == 1 and cache.nbytes == 32 * 224 * 224 + 224 * 224 * 3
+    assert cache.nbytes == 32 * 224 * 224 * 3  # not every image gray: full RGB rows
     for i, r in enumerate(data_copy):
         np.testing.assert_array_equal(cache[i], _reference(r.path, 224, "image"))
     if storage == "disk":
-        assert cache.color_path is not None and cache.color_path.exists()
         clone = pickle.loads(pickle.dumps(cache))
         np.testing.assert_array_equal(clone[3], _reference(tinted, 224, "image"))
 
@@ -156,9 +154,7 @@ def test_bad_file_raises_image_read_error_naming_it(data_copy: list[Record], tmp
 def test_disk_cache_reused_without_decoding(records: list[Record], tmp_path: Path, monkeypatch):
     first = DecodedCache.build(_paths(records, "image"), 128, storage="disk", cache_dir=tmp_path, workers=2)
     files = _cache_files(tmp_path)
-    assert files == [f"{first.path.stem}.json", first.path.name]
-    sidecar = json.loads((tmp_path / f"{first.path.stem}.json").read_text())
-    assert sidecar["key"] == first.key and sidecar["count"] == 32 and sidecar["color_index"] == []
+    assert files == [first.path.name]
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache matches")
@@ -249,15 +245,12 @@ def test_interrupted_build_never_reused(records: list[Record], tmp_path: Path, m
     assert _cache_files(tmp_path) == []  # temp files removed, nothing committed
     monkeypatch.undo()
 
-    # a killed build (no cleanup) after the sidecar was renamed, before the .npy was: its data file
-    # is still a temp file (here: of the right shape, all zeros) and must not be picked up
-    key, list_id = image_cache.cache_key(paths, 80, "image")
-    stem = f"image80-{list_id[:16]}-{key[:16]}"
-    temp = tmp_path / f".{stem}.npy.123-abcd.tmp"
+    # a killed build (no cleanup) leaves a temp file of the right shape: never picked up, swept once stale
+    path = DecodedCache.build(paths, 80, storage="disk", cache_dir=tmp_path).path
+    path.unlink()
+    temp = tmp_path / f".{path.name}.123-abcd.tmp"
     with open(temp, "wb") as f:
         np.save(f, np.zeros((len(paths), 80, 80), np.uint8))
-    sidecar = {"version": image_cache.CACHE_VERSION, "key": key, "kind": "image", "image_size": 80}
-    (tmp_path / f"{stem}.json").write_text(json.dumps({**sidecar, "count": len(paths), "color_index": []}))
     decoded = {"n": 0}
 
     def counting(path: Path, size: int, kind: str) -> np.ndarray:
@@ -294,10 +287,10 @@ def test_disk_cache_pickles_paths_only_and_reopens(records: list[Record], tmp_pa
     blob = pickle.dumps(cache)
     assert len(blob) < 4096  # paths and the key, never the pixels (32 x 64 x 64 bytes)
     clone = pickle.loads(blob)
-    assert clone._gray is None and clone.key == cache.key and len(clone) == len(cache)
+    assert clone.array is None and clone.key == cache.key and len(clone) == len(cache)
     for i in range(len(cache)):
         np.testing.assert_array_equal(clone[i], cache[i])  # reopened lazily by path
-    assert isinstance(clone._gray, np.memmap)
+    assert isinstance(clone.array, np.memmap)
     memory = DecodedCache.build(_paths(records, "image")[:4], 64)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(memory))[3], memory[3])  # memory: pickles the pixels
 

@@ -16,14 +16,14 @@ import lightning as L  # noqa: E402
 from litdata import StreamingDataset  # noqa: E402
 
 from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier  # noqa: E402
+from covid_lightning.cli import main  # noqa: E402
 from covid_lightning.data.datasets import XRayDataset  # noqa: E402
 from covid_lightning.data.scan import DatasetError, find_dataset_root  # noqa: E402
 from covid_lightning.data.split import SPLITS, read_manifest  # noqa: E402
 from covid_lightning.data.streaming import (  # noqa: E402
     StreamingXRayDataset,
     join_location,
-    main,
-    optimize_dataset,
+    optimize,
     read_meta,
     streaming_datasets,
     streaming_loader,
@@ -37,8 +37,8 @@ SIZE = 48
 @pytest.fixture(scope="module")
 def optimized(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("litdata") / "demo"
-    counts = optimize_dataset(demo_root, out, **SPLIT_ARGS)
-    assert counts == {"train": 16, "val": 8, "test": 8}
+    assert optimize(demo_root, out, **SPLIT_ARGS) == 0
+    assert read_meta(out)["counts"] == {"train": 16, "val": 8, "test": 8}
     return out
 
 
@@ -58,7 +58,7 @@ def test_records_and_splits_equal_the_datamodules(demo_root: Path, optimized: Pa
     base = find_dataset_root(demo_root)
     cls_dm = RadiographyDataModule(root=str(demo_root), num_workers=0, **SPLIT_ARGS)
     cls_dm.setup("fit")
-    group_of = {r.path: g for r, g in zip(cls_dm.screening.records, cls_dm.screening.groups)}
+    group_of = {r.path: g for r, g in zip(cls_dm.selection.screening.records, cls_dm.selection.groups)}
     for split in SPLITS:
         streamed = [(bytes(it["path"]).decode(), it["label"], it["group"]) for it in _raw_items(optimized, split)]
         folder = [(r.path.relative_to(base).as_posix(), r.label, group_of[r.path]) for r in cls_dm.records[split]]
@@ -105,7 +105,7 @@ def test_augmented_samples_follow_seed_epoch_index(optimized: Path, folder_dm):
 
 def test_pre_resized_dataset_gives_the_same_samples(demo_root: Path, optimized: Path, tmp_path: Path, folder_dm):
     out = tmp_path / "resized"
-    optimize_dataset(demo_root, out, image_size=SIZE, **SPLIT_ARGS)
+    optimize(demo_root, out, image_size=SIZE, **SPLIT_ARGS)
     assert read_meta(out)["image_size"] == SIZE
     folder = XRayDataset(folder_dm.records["val"], eval_transform(SIZE), masks=True)
     stream = StreamingXRayDataset(out, "val", eval_transform(SIZE), masks=True)
@@ -121,10 +121,10 @@ def _chunk_bytes(folder: Path) -> int:
 
 def test_deterministic_whatever_the_workers(demo_root: Path, optimized: Path, tmp_path: Path):
     again = tmp_path / "again"
-    optimize_dataset(demo_root, again, **SPLIT_ARGS)
+    optimize(demo_root, again, **SPLIT_ARGS)
     assert (again / "train" / "chunk-0-0.bin").read_bytes() == (optimized / "train" / "chunk-0-0.bin").read_bytes()
     two = tmp_path / "two_workers"
-    optimize_dataset(demo_root, two, num_workers=2, **SPLIT_ARGS)
+    optimize(demo_root, two, workers=2, **SPLIT_ARGS)
     assert len(list((two / "train").glob("*.bin"))) == 2
     assert [bytes(it["path"]) for it in _raw_items(two, "train")] == [
         bytes(it["path"]) for it in _raw_items(optimized, "train")
@@ -136,7 +136,7 @@ def test_two_nodes_merge_into_one_index(demo_root: Path, optimized: Path, tmp_pa
     monkeypatch.setenv("DATA_OPTIMIZER_NUM_NODES", "2")
     for rank in (0, 1):  # on one machine the last node must run last (it merges without waiting)
         monkeypatch.setenv("DATA_OPTIMIZER_NODE_RANK", str(rank))
-        optimize_dataset(demo_root, out, **SPLIT_ARGS)
+        optimize(demo_root, out, **SPLIT_ARGS)
     monkeypatch.delenv("DATA_OPTIMIZER_NUM_NODES")
     monkeypatch.delenv("DATA_OPTIMIZER_NODE_RANK")
     index = json.loads((out / "train" / "index.json").read_text())
@@ -163,8 +163,8 @@ def test_streaming_datasets_splits_and_mask_errors(demo_root: Path, optimized: P
     )
     assert set(dsets) == {"train", "val"} and dsets["train"].shuffle and not dsets["val"].shuffle
     out = tmp_path / "no_masks"
-    counts = optimize_dataset(demo_root, out, masks=False)
-    assert counts["test"] == 0 and not (out / "test").exists()
+    optimize(demo_root, out, masks=False)
+    assert read_meta(out)["counts"]["test"] == 0 and not (out / "test").exists()
     assert set(
         streaming_datasets(out, transforms={"val": eval_transform(32), "test": eval_transform(32)}, masks=False, seed=0)
     ) == {"val"}
@@ -238,32 +238,31 @@ def test_training_and_validation_metrics_equal_the_folder_path(task, demo_root, 
     assert results[0] == results[1], results  # same batches in the same order: bit-identical
 
 
-def test_main_exit_codes(demo_root: Path, tmp_path: Path, capsys):
+def test_optimize_command_exit_codes(demo_root: Path, tmp_path: Path, capsys):
     out = tmp_path / "cli"
-    argv = [str(demo_root), str(out), "--no-masks", "--val-fraction", "0.25", "--test-fraction", "0.25", "--seed", "1"]
-    assert main(argv) == 0
+    argv = [str(demo_root), str(out), "--masks", "false", "--val_fraction", "0.25", "--test_fraction", "0.25"]
+    assert main(["optimize", *argv, "--seed", "1"]) == 0
     assert "train=16, val=8, test=8" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
     assert meta["masks"] is False and meta["split"]["seed"] == 1 and (out / "manifest.csv").is_file()
     assert "DATA_OPTIMIZER_NUM_WORKERS" not in os.environ  # LitData's leak into this process is undone
-    assert main([str(demo_root), str(out)]) == 1  # already there
-    assert "already holds" in capsys.readouterr().err
-    assert main([str(demo_root), str(out), "--overwrite", "--masks", "--workers", "2"]) == 0
+    assert main(["optimize", str(demo_root), str(out)]) == 2  # already there: a user error
+    assert "error: " in (err := capsys.readouterr().err) and "already holds" in err
+    assert main(["optimize", str(demo_root), str(out), "--overwrite", "true", "--masks", "true", "--workers", "2"]) == 0
     assert read_meta(out)["masks"] is True and not (out / "test").exists()  # no stale split left behind
-    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
-    assert main([str(demo_root), str(tmp_path / "y"), "--split-file", str(out / "manifest.csv")]) == 0
+    assert main(["optimize", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert main(["optimize", str(demo_root), str(tmp_path / "y"), "--split_file", str(out / "manifest.csv")]) == 0
     assert read_meta(tmp_path / "y")["counts"] == read_meta(out)["counts"]
     with pytest.raises(SystemExit) as err:
-        main([str(demo_root)])
+        main(["optimize", str(demo_root)])
     assert err.value.code == 2
 
 
 def test_datamodule_streaming_option_matches_folder(demo_root, tmp_path):
     """`data.streaming` reads the optimized dataset: same splits and the same eval samples as `data.root`."""
     from covid_lightning import RadiographyDataModule
-    from covid_lightning.data.streaming import optimize_dataset
 
-    optimize_dataset(demo_root, tmp_path / "opt")
+    optimize(demo_root, tmp_path / "opt")
     folder = RadiographyDataModule(root=str(demo_root), image_size=32, batch_size=4, num_workers=0)
     stream = RadiographyDataModule(streaming=str(tmp_path / "opt"), image_size=32, batch_size=4, num_workers=0)
     folder.setup("fit")

@@ -11,9 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from covid_lightning.models import keras_h5
-from covid_lightning.models.keras_h5 import fetch_keras_weights, keras_h5_to_timm_state_dict, read_keras_h5_arrays
-from covid_lightning.models.weights import PretrainedWeightsError
+from covid_lightning.models import weights
+from covid_lightning.models.weights import (
+    PretrainedWeightsError,
+    create_timm_model,
+    fetch_keras_weights,
+    keras_to_timm,
+    load_weights,
+    read_state_dict,
+)
 from tests.conftest import KERAS_H5, KERAS_SAFETENSORS
 from tests.helpers.silent_server import SilentServer
 
@@ -94,22 +100,24 @@ def _random_sd(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_synthetic_roundtrip(tmp_path: Path, layout: str, names: str, num_classes: int) -> None:
     source = _random_sd(Tiny())
     path = _write_h5(tmp_path / "w.h5", _keras_layers(source), layout=layout, names=names)
-    assert len(read_keras_h5_arrays(path)) == 14
+    assert len(read_state_dict(path)) == 14
     model = Tiny(num_classes=num_classes)
-    sd = keras_h5_to_timm_state_dict(path, model)
-    assert not any(k.startswith("classifier.") for k in sd)
-    assert set(sd) == set(source)
-    for key, value in source.items():
-        assert torch.equal(sd[key], value), key
-    assert model.load_state_dict(sd, strict=False).missing_keys == (
-        ["classifier.weight", "classifier.bias"] if num_classes else []
-    )
+    head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("classifier.")}
+    assert len(head) == (2 if num_classes else 0)
+    load_weights(model, path)
+    loaded = model.state_dict()
+    for key, value in {**source, **head}.items():  # the backbone from the h5, the classifier left as built
+        assert torch.equal(loaded[key], value), key
+
+
+def _convert(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    return keras_to_timm(read_state_dict(path), model, path)
 
 
 def test_synthetic_wrong_width_names_everything(tmp_path: Path) -> None:
     path = _write_h5(tmp_path / "w.h5", _keras_layers(_random_sd(Tiny(width=4))), layout="top", names="bytes")
     with pytest.raises(PretrainedWeightsError) as err:
-        keras_h5_to_timm_state_dict(path, Tiny(width=8))
+        _convert(path, Tiny(width=8))
     msg = str(err.value)
     assert str(path) in msg and "Conv1/kernel:0" in msg and "conv_stem.weight" in msg
     assert "(4, 3, 3, 3)" in msg and "(8, 3, 3, 3)" in msg and "alpha" in msg
@@ -119,22 +127,22 @@ def test_synthetic_count_and_role_mismatch(tmp_path: Path) -> None:
     layers = _keras_layers(_random_sd(Tiny()))
     short = _write_h5(tmp_path / "short.h5", layers[:-1], layout="top", names="str")
     with pytest.raises(PretrainedWeightsError, match=r"12 weight arrays but Tiny has 14 .*fc\.weight"):
-        keras_h5_to_timm_state_dict(short, Tiny())
+        _convert(short, Tiny())
     # gamma/beta swapped: same shapes, so only the role check can catch it.
     name, weights = layers[2]
     layers[2] = (name, [weights[1], weights[0], *weights[2:]])
     swapped = _write_h5(tmp_path / "swapped.h5", layers, layout="top", names="str")
     with pytest.raises(PretrainedWeightsError, match=r"bn_Conv1/beta:0.*'bn1\.weight'"):
-        keras_h5_to_timm_state_dict(swapped, Tiny())
+        _convert(swapped, Tiny())
 
 
 def test_not_a_keras_file(tmp_path: Path) -> None:
     with pytest.raises(PretrainedWeightsError, match="does not exist"):
-        keras_h5_to_timm_state_dict(tmp_path / "nope.h5", Tiny())
+        _convert(tmp_path / "nope.h5", Tiny())
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f.create_dataset("x", data=np.zeros(3))
     with pytest.raises(PretrainedWeightsError, match="layer_names"):
-        keras_h5_to_timm_state_dict(tmp_path / "plain.h5", Tiny())
+        _convert(tmp_path / "plain.h5", Tiny())
 
 
 def _keras_model(name: str = "mobilenetv2_050", **kwargs) -> nn.Module:
@@ -146,20 +154,21 @@ def _keras_model(name: str = "mobilenetv2_050", **kwargs) -> nn.Module:
 def test_real_h5_equals_shared_safetensors(keras_weights: Path) -> None:
     from safetensors.torch import load_file
 
-    assert len(read_keras_h5_arrays(KERAS_H5)) == 260
+    assert len(read_state_dict(KERAS_H5)) == 260
     reference = load_file(str(KERAS_SAFETENSORS))
-    sd = keras_h5_to_timm_state_dict(KERAS_H5, _keras_model())
+    model = create_timm_model("mobilenetv2_050", pretrained_file=KERAS_H5, num_classes=0, pad_type="same", bn_eps=1e-3)
+    sd = model.state_dict()
     assert len(reference) == 312 and set(sd) == set(reference)
     for key, value in reference.items():
         assert sd[key].dtype == value.dtype and torch.equal(sd[key], value), key
 
-    with_head = keras_h5_to_timm_state_dict(KERAS_H5, _keras_model(num_classes=2))
-    assert set(with_head) == set(reference)
+    with_head = _convert(KERAS_H5, _keras_model(num_classes=2))
+    assert set(with_head) == {k for k in reference if not k.endswith("num_batches_tracked")}
 
 
 def test_real_h5_wrong_model(keras_weights: Path) -> None:
     with pytest.raises(PretrainedWeightsError) as err:
-        keras_h5_to_timm_state_dict(KERAS_H5, _keras_model("mobilenetv2_100"))
+        _convert(KERAS_H5, _keras_model("mobilenetv2_100"))
     msg = str(err.value)
     assert KERAS_H5.name in msg and "Conv1" in msg and "conv_stem.weight" in msg
     assert "(32, 3, 3, 3)" in msg and "alpha" in msg and "num_classes=0" in msg
@@ -172,15 +181,15 @@ def test_fetch_from_a_silent_server_fails_with_instructions(tmp_path: Path, monk
     hub = tmp_path / "torch_hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     with SilentServer() as server:
-        monkeypatch.setattr(keras_h5, "KERAS_WEIGHTS_BASE", f"{server.url}/keras/")
+        monkeypatch.setattr(weights, "KERAS_WEIGHTS_BASE", f"{server.url}/keras/")
         start = time.monotonic()
         with pytest.raises(PretrainedWeightsError) as err:
-            fetch_keras_weights("mobilenetv2_050", timeout=2.0, read_timeout=2.0)
+            fetch_keras_weights("mobilenetv2_050", hub_timeout=2.0, read_timeout=2.0)
         elapsed = time.monotonic() - start
         assert server.connections, "the download never reached the silent server"
     assert elapsed < 30, elapsed
     msg = str(err.value)
-    filename = keras_h5.keras_weights_filename("mobilenetv2_050")
+    filename = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
     assert "sent nothing for 2 s" in msg and f"{server.url}/keras/{filename}" in msg
     assert "--model.pretrained_file PATH" in msg and str(hub / "checkpoints" / filename) in msg
     assert list((hub / "checkpoints").iterdir()) == []  # no partial .h5 left in the cache

@@ -6,8 +6,11 @@ import torch
 
 from covid_lightning import CLASSES, RadiographyDataModule, XRayClassifier
 from covid_lightning.callbacks import StagedUnfreeze
+from covid_lightning.cli import build_cli
 from covid_lightning.inference import classify, load_checkpoint
 from tests.helpers.trainers import quiet_trainer
+
+REPO = Path(__file__).resolve().parents[2]
 
 _trainer = quiet_trainer
 
@@ -22,9 +25,9 @@ def test_fast_dev_run(demo_root: Path, tmp_path: Path):
 
 
 def test_checkpoint_round_trip_predictions_identical(demo_root: Path, tmp_path: Path):
-    model = XRayClassifier(pretrained=False, trainable="last_conv", image_size=64, class_weights="balanced")
+    dm = _dm(demo_root, class_weights="balanced")
+    model = XRayClassifier(pretrained=False, trainable="last_conv", image_size=64, class_weights=dm.class_weights)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
-    dm = _dm(demo_root)
     trainer.fit(model, dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -62,13 +65,24 @@ def test_inference_accepts_pil_and_tensor(demo_root: Path):
 
 
 def test_balanced_class_weights_from_datamodule(demo_root: Path, tmp_path: Path):
-    dm = _dm(demo_root)
+    dm = _dm(demo_root, class_weights="balanced")
     dm.setup("fit")
     assert dm.class_counts == dict.fromkeys(CLASSES, 6)
     assert dm.class_weights == pytest.approx([1.0] * 4)
-    model = XRayClassifier(pretrained=False, image_size=64, class_weights="balanced")
+    assert _dm(demo_root).class_weights is None and _dm(demo_root, class_weights=[1, 2, 3, 4]).class_weights == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    model = XRayClassifier(pretrained=False, image_size=64, class_weights=dm.class_weights)
     _trainer(tmp_path, fast_dev_run=True).fit(model, dm)
     assert model.class_weight.tolist() == pytest.approx([1.0] * 4)
+    # the CLI links data.class_weights to the model: balanced weights from the train split
+    cli = build_cli(["--config", str(REPO / "configs/demo/classification.yaml"), "--data.root", str(demo_root),
+                     "--data.class_weights", "balanced", "--data.val_fraction", "0.5"], run=False)  # fmt: skip
+    assert cli.model.class_weight.tolist() == pytest.approx([1.0] * 4)
+    assert cli.model.hparams.class_weights == pytest.approx([1.0] * 4)
 
 
 def test_staged_unfreeze_keeps_bn_frozen_then_trains_backbone(demo_root: Path, tmp_path: Path):

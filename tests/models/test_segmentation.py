@@ -1,4 +1,4 @@
-"""Tests for covid_lightning.models.unet: SeedUNet, the smp builder, and offline-safe encoder weights."""
+"""covid_lightning.models.segmentation: SeedUNet, the smp builder, and offline-safe encoder weights."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from covid_lightning.models.unet import (
+from covid_lightning.models.segmentation import (
     SEGMENTATION_ARCHS,
     SeedUNet,
     build_segmentation_model,
