@@ -4,14 +4,14 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from covid_lightning.constants import CLASSES  # noqa: E402
-from covid_lightning.data.datamodules import (  # noqa: E402
+from covid_lightning.constants import CLASSES
+from covid_lightning.data.datamodules import (
     LungSegmentationDataModule,
     RadiographyDataModule,
     XRayDataModule,
 )
-from covid_lightning.modules.classifier import XRayClassifier  # noqa: E402
-from covid_lightning.modules.segmenter import LungSegmenter  # noqa: E402
+from covid_lightning.modules.classifier import XRayClassifier
+from covid_lightning.modules.segmenter import LungSegmenter
 
 __version__ = "0.1.0"
 

@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a multi-process run's group, destroyed before interpreter teardown, where gloo's threads can abort
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs right here
+    except Exception as err:
         mistake = user_error(err)
         if debug or mistake is None:
             raise

@@ -135,7 +135,7 @@ def _explain(err: BaseException, read_timeout: float) -> str:
         )
     if status in (401, 403) or type(err).__name__ in ("UnauthenticatedError", "CredentialError"):
         return "Kaggle refused the request: sign in with valid credentials (and accept the dataset's terms)."
-    if status == 404:  # noqa: PLR2004
+    if status == 404:
         return f"Kaggle does not know {KAGGLE_HANDLE} (or it is not visible to these credentials)."
     if any(w in text for w in ("connection", "resolve", "ssl", "proxy", "network")):
         return "The connection to Kaggle failed."

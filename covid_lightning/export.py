@@ -297,7 +297,7 @@ def agreement(float_path: str | Path, int8_path_: str | Path, batches: Sequence[
 def export(
     ckpt: Path,
     out: Path | None = None,
-    format: list[Literal["onnx", "torchscript"]] = ["onnx"],
+    format: Sequence[Literal["onnx", "torchscript"]] = ("onnx",),
     opset: int = DEFAULT_OPSET,
     quantize: Literal["int8"] | None = None,
     calibrate: Path | None = None,

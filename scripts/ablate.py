@@ -32,12 +32,12 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
-from covid_lightning.callbacks.reports import to_markdown, write_csv  # noqa: E402
-from covid_lightning.cli import build_cli  # noqa: E402
-from covid_lightning.errors import UserError  # noqa: E402
-from covid_lightning.lungs import attach_lung_masks  # noqa: E402
-from covid_lightning.models.classifier import count_parameters  # noqa: E402
-from covid_lightning.plotting import best_epoch, read_epoch_metrics  # noqa: E402
+from covid_lightning.callbacks.reports import to_markdown, write_csv
+from covid_lightning.cli import build_cli
+from covid_lightning.errors import UserError
+from covid_lightning.lungs import attach_lung_masks
+from covid_lightning.models.classifier import count_parameters
+from covid_lightning.plotting import best_epoch, read_epoch_metrics
 
 log = logging.getLogger("ablate")
 

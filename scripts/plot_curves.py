@@ -13,7 +13,7 @@ from pathlib import Path
 from jsonargparse import auto_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
-from covid_lightning.plotting import plot_curves  # noqa: E402
+from covid_lightning.plotting import plot_curves
 
 
 def main(argv: list[str] | None = None) -> int:

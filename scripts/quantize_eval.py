@@ -26,8 +26,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, MulticlassAccuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
-from covid_lightning.export import agreement, calibration_batches, export_onnx, load_contract, quantize_onnx, session  # noqa: E402
-from covid_lightning.inference import preprocess  # noqa: E402
+from covid_lightning.export import agreement, calibration_batches, export_onnx, load_contract, quantize_onnx, session
+from covid_lightning.inference import preprocess
 
 
 def throughput(path: str | Path, images: np.ndarray, repeats: int = 5, threads: int | None = None) -> float:

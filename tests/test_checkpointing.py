@@ -100,10 +100,10 @@ def test_sigkill_with_tmpdir_on_another_filesystem_never_breaks_last(tmp_path: P
         for attempt in range(5):
             proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], env=env, start_new_session=True)
             try:
-                _wait_for(lambda: path.exists() or proc.poll() is not None, 120, "the first checkpoint")
+                _wait_for(lambda proc=proc: path.exists() or proc.poll() is not None, 120, "the first checkpoint")
                 assert proc.poll() is None, f"the saver exited with {proc.returncode}"
                 start = load_checkpoint_file(path)["epoch"]
-                _wait_for(lambda: load_checkpoint_file(path)["epoch"] > start, 60, "a rewrite")
+                _wait_for(lambda start=start: load_checkpoint_file(path)["epoch"] > start, 60, "a rewrite")
                 time.sleep(0.05 + 0.07 * attempt)  # kill at different moments of a write
             finally:
                 os.killpg(proc.pid, signal.SIGKILL)

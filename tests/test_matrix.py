@@ -43,8 +43,8 @@ import yaml
 
 pytest.importorskip("litdata")
 
-from covid_lightning.cli import main  # noqa: E402
-from covid_lightning.runtime import FAST_BF16_ENV  # noqa: E402
+from covid_lightning.cli import main
+from covid_lightning.runtime import FAST_BF16_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(

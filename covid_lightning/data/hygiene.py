@@ -84,7 +84,7 @@ def inspect_image(path: str | Path, *, mask: bool = False) -> FileInfo:
             rgb = decode_rgb(path)
     except MemoryError:
         raise
-    except Exception as err:  # noqa: BLE001 - any decoder failure is a property of the file
+    except Exception as err:
         why = str(err).strip() or type(err).__name__
         why = f"{'truncated' if 'truncated' in why else 'corrupt'} {fmt}: {why}"
         return FileInfo(path, ok=False, problem=why if fmt else "not an image: cannot identify image file")

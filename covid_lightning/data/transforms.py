@@ -11,11 +11,11 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+from PIL import Image, UnidentifiedImageError
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420")  # DICOM photometrics read as RGB
@@ -59,7 +59,7 @@ def _read(source: Source, *, pixels: bool) -> Any:
         return pydicom.dcmread(fp, stop_before_pixels=not pixels)
     except FileNotFoundError:
         raise
-    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds for a bad file
+    except Exception as err:
         why = str(err).replace(" Use force=True to force reading.", "")  # pydicom's hint is for its own API
         raise DicomError(f"not a readable DICOM file: {why}") from err
 
@@ -104,7 +104,7 @@ def read_dicom(source: Source) -> tuple[np.ndarray, str]:
         raise DicomError(f"unsupported PhotometricInterpretation {photometric!r}: expected MONOCHROME1/2 or RGB/YBR")
     try:
         arr = ds.pixel_array
-    except Exception as err:  # noqa: BLE001 - no pixel data, a missing pixel-data handler or corrupt pixel data
+    except Exception as err:
         raise DicomError(f"cannot decode the pixel data: {err}") from err
     bits = int(ds.get("BitsStored", 8) or 8)
     if photometric in COLOUR:

@@ -137,7 +137,7 @@ def _read_keras_h5(path: Path) -> dict[str, np.ndarray]:
     except OSError as err:
         raise PretrainedWeightsError(f"{path} is not a readable HDF5 file: {err}") from err
     with f:
-        root = f["model_weights"] if "model_weights" in f else f
+        root = f.get("model_weights", f)
         if "layer_names" not in root.attrs:
             raise PretrainedWeightsError(f"{path} has no 'layer_names': not a legacy Keras 2 .h5 weights file.")
         return {

@@ -91,7 +91,7 @@ def test_table_equals_computation_from_confusion_matrix():
         assert row["recall"] == pytest.approx(expected["recall"][i])
         assert row["f1-score"] == pytest.approx(expected["f1"][i])
         assert row["support"] == expected["support"][i]
-        auc = _mann_whitney_auc(PROBS[:, i].numpy(), (TARGET == i).numpy())
+        auc = _mann_whitney_auc(PROBS[:, i].numpy(), (i == TARGET).numpy())
         assert row["auroc"] == pytest.approx(auc)
     assert rows[3]["precision"] == 0.0  # "d" never predicted: 0, as sklearn's zero_division
     acc = rows[4]

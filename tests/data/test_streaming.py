@@ -12,15 +12,15 @@ import torch
 
 pytest.importorskip("litdata")
 
-import lightning as L  # noqa: E402
-from litdata import StreamingDataset  # noqa: E402
+import lightning as L
+from litdata import StreamingDataset
 
-from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier  # noqa: E402
-from covid_lightning.cli import main  # noqa: E402
-from covid_lightning.data.datasets import XRayDataset  # noqa: E402
-from covid_lightning.data.scan import DatasetError, find_dataset_root  # noqa: E402
-from covid_lightning.data.split import SPLITS, read_manifest  # noqa: E402
-from covid_lightning.data.streaming import (  # noqa: E402
+from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier
+from covid_lightning.cli import main
+from covid_lightning.data.datasets import XRayDataset
+from covid_lightning.data.scan import DatasetError, find_dataset_root
+from covid_lightning.data.split import SPLITS, read_manifest
+from covid_lightning.data.streaming import (
     StreamingXRayDataset,
     join_location,
     optimize,
@@ -28,7 +28,7 @@ from covid_lightning.data.streaming import (  # noqa: E402
     streaming_datasets,
     streaming_loader,
 )
-from covid_lightning.data.transforms import build_transform, eval_transform  # noqa: E402
+from covid_lightning.data.transforms import build_transform, eval_transform
 
 SPLIT_ARGS = {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 3}
 SIZE = 48

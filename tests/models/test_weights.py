@@ -164,7 +164,7 @@ def test_pretrained_silent_hub_fails_with_instructions(hf_env: Path, monkeypatch
     msg = str(err.value)
     assert server.url in msg and "no answer within 2 s" in msg
     assert "pretrained_file" in msg and HUB_ID in msg and "HF_HOME" in msg and "st.save_file" in msg
-    assert (constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT) == before
+    assert before == (constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT)
 
 
 def test_hf_hub_timeouts_set_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,10 +177,10 @@ def test_hf_hub_timeouts_set_and_restored(monkeypatch: pytest.MonkeyPatch) -> No
     before = constants.HF_HUB_DOWNLOAD_TIMEOUT
     with hf_hub_timeouts(3.0):
         assert constants.HF_HUB_DOWNLOAD_TIMEOUT == 3.0 and constants.HF_HUB_ETAG_TIMEOUT == 7
-    assert constants.HF_HUB_DOWNLOAD_TIMEOUT == before
+    assert before == constants.HF_HUB_DOWNLOAD_TIMEOUT
     with pytest.raises(RuntimeError), hf_hub_timeouts(3.0):
         raise RuntimeError("restored on errors too")
-    assert constants.HF_HUB_DOWNLOAD_TIMEOUT == before
+    assert before == constants.HF_HUB_DOWNLOAD_TIMEOUT
 
 
 def test_download_url_silent_peer_times_out(tmp_path: Path) -> None:
