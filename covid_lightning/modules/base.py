@@ -55,7 +55,7 @@ def _synchronize(device: torch.device) -> None:
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     """Adam with lr 1e-3, the Keras default the lab used; ``fused`` (one kernel per step, CPU and CUDA:
-    ~9x faster than the per-tensor loop for the head's 1.8 M parameters on CPU)."""
+    much faster than the per-tensor loop on CPU; README, Performance)."""
     return torch.optim.Adam(params, lr=1e-3, fused=True)
 
 
@@ -122,7 +122,7 @@ class XRayModule(L.LightningModule):
         self.net.to(memory_format=self.memory_format)
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in the network's memory format (channels_last: NHWC strides, ~1.5-2x faster convs on CPU)."""
+        """Images in the network's memory format (channels_last: NHWC strides, what fast convolutions prefer)."""
         return images.contiguous(memory_format=self.memory_format) if images.dim() == 4 else images
 
     def on_fit_start(self) -> None:
@@ -167,7 +167,7 @@ class XRayModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """``compile_model: true`` compiles the network in place (``nn.Module.compile``; state-dict keys
-        unchanged). Worth it for long GPU runs; on a CPU the compile costs ~20 s."""
+        unchanged). Worth it for long GPU runs; the compile itself takes a while."""
         if self.compile_model and not getattr(self.net, "_compiled_call_impl", None):
             self.net.compile()
 
