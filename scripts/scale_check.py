@@ -80,7 +80,7 @@ def stage_head(root: str, weights: str, out: str) -> dict[str, Any]:
     args += ["--trainer.default_root_dir", out, "--trainer.enable_progress_bar", "false"]
     args += ["--model.init_args.pretrained_file", weights] if weights else ["--model.init_args.pretrained", "false"]
     started = time.perf_counter()
-    cli = build_cli(["fit", *args], run=False)
+    cli = build_cli(args, run=False)
     built = time.perf_counter()
     cli.trainer.callbacks.append(EpochTimes())
     cli.trainer.fit(cli.model, cli.datamodule)

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassROC
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_auroc,
+    multiclass_calibration_error,
     multiclass_confusion_matrix,
     multiclass_f1_score,
     multiclass_precision,
@@ -31,6 +32,10 @@ from torchmetrics.functional.classification import (
 )
 
 from covid_lightning.callbacks.overlays import overlay_grid
+from covid_lightning.modules.metrics import bootstrap, classification_scores
+
+#: bootstrap resamples (over images) behind every interval of a report; below ``FEW`` images a figure is flagged
+RESAMPLES, FEW = 1000, 30
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +140,49 @@ def to_text(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
     return report
 
 
+def interval_rows(
+    probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], seed: int = 0
+) -> list[dict[str, Any]]:
+    """Accuracy, balanced accuracy, macro F1, COVID-vs-Normal accuracy (when both classes exist) and per-class
+    recall/F1/AUROC, each with its 95% percentile bootstrap interval over images and its n."""
+    names = [str(c) for c in class_names]
+    pair = (names.index("COVID"), names.index("Normal")) if {"COVID", "Normal"} <= set(names) else None
+    target = torch.as_tensor(target).long().cpu()
+    scores = bootstrap(classification_scores(probs, target, names, pair), len(target), RESAMPLES, seed=seed)
+    support = np.bincount(target.numpy(), minlength=len(names))
+    label = {"pair_accuracy": "COVID vs Normal accuracy", "balanced_accuracy": "balanced accuracy"}
+    rows = []
+    for key, (value, low, high) in scores.items():
+        kind, _, name = key.partition("/")
+        n = int(support[names.index(name)]) if name else len(target)
+        n = int(support[list(pair)].sum()) if key == "pair_accuracy" else n
+        rows.append({"metric": f"{kind} {name}" if name else label.get(key, key.replace("_", " ")), "value": value})
+        rows[-1] |= {"95% CI low": low, "95% CI high": high, "n": n, "note": f"n < {FEW}" if n < FEW else ""}
+    return rows
+
+
+def uncalibrated(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The probabilities before temperature scaling: ``softmax(T * log p)`` = ``softmax(logits)``."""
+    return (temperature * torch.as_tensor(probs).float().clamp_min(1e-12).log()).softmax(-1)
+
+
+def reliability(probs: torch.Tensor, target: torch.Tensor, bins: int = 15) -> tuple[float, np.ndarray]:
+    """ECE (torchmetrics, L1, ``bins`` equal-width confidence bins) and per bin (confidence, accuracy, count)."""
+    probs, target = torch.as_tensor(probs).float().cpu(), torch.as_tensor(target).long().cpu()
+    ece = float(multiclass_calibration_error(probs, target, probs.shape[1], n_bins=bins))
+    confidence, correct = probs.max(1).values.numpy(), (probs.argmax(1) == target).numpy()
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    table = np.array(
+        [
+            [confidence[which == b].mean(), correct[which == b].mean(), (which == b).sum()]
+            if (which == b).any()
+            else [np.nan, np.nan, 0]
+            for b in range(bins)
+        ]
+    )
+    return ece, table
+
+
 def _save(fig: Figure, path: Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
@@ -143,18 +191,40 @@ def _save(fig: Figure, path: Path, title: str) -> Path:
 
 
 def write_classification_report(
-    probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], out: Path, title: str, note: str = ""
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    class_names: Sequence[str],
+    out: Path,
+    title: str,
+    note: str = "",
+    temperature: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """The classification tables and figures into ``out``; returns the table rows."""
+    """The classification tables and figures into ``out``; returns the table rows. ``probs`` are the model's
+    (calibrated by ``temperature``); the calibration section compares them with the uncalibrated ones."""
     names, n = list(class_names), len(class_names)
     rows = classification_table(probs, target, names)
     cm = confusion_matrix(probs, target, n)
     cm_rows = [{"true class": name, **dict(zip(names, map(int, cm[i])))} for i, name in enumerate(names)]
-    md = [f"# {title}", "", f"{len(target)} images. {note}".rstrip(), "", to_markdown(rows)]
+    intervals = interval_rows(probs, target, names)
+    few = [f"{r['class']} (n={r['support']})" for r in rows[:n] if r["support"] < FEW]
+    md = [f"# {title}", "", f"{len(target)} images. {note}".rstrip(), ""]
+    if few:
+        md += [f"**Warning: fewer than {FEW} images for {', '.join(few)}: their figures are unreliable.**", ""]
+    md += [f"95% bootstrap intervals ({RESAMPLES} seeded resamples of the images, percentile):", ""]
+    md += [to_markdown(intervals, 3), to_markdown(rows)]
+    calibration = []
+    for label, p in (("temperature 1 (uncalibrated)", uncalibrated(probs, temperature)), ("as given", probs)):
+        ece, table = reliability(p, target)
+        calibration.append({"probabilities": label, "temperature": 1.0 if "1 (" in label else temperature, "ECE": ece})
+        calibration[-1]["bins"] = table
+    md += ["Calibration (expected calibration error, 15 confidence bins; temperature fitted on the validation split):"]
+    md += ["", to_markdown([{k: v for k, v in c.items() if k != "bins"} for c in calibration], 4)]
     md += ["Confusion matrix (rows: true class, columns: predicted class):", "", to_markdown(cm_rows)]
     md += ["The lab's `classification_report` layout:", "", "```text", to_text(rows).rstrip("\n"), "```", ""]
     (out / "classification_report.md").write_text("\n".join(md), encoding="utf-8")
     write_csv(out / "classification_report.csv", rows)
+    write_csv(out / "intervals.csv", intervals)
+    write_csv(out / "calibration.csv", [{k: v for k, v in c.items() if k != "bins"} for c in calibration])
     write_csv(out / "confusion_matrix.csv", cm_rows)
     write_csv(
         out / "auroc.csv", [{k: r.get(k) for k in ("class", "auroc", "support")} for r in rows if r is not rows[n]]
@@ -178,13 +248,39 @@ def write_classification_report(
         roc.plot(score=True, ax=ax, labels=names)
     ax.set_title("ROC (one-vs-rest)")
     _save(fig, out / "roc.png", title)
+
+    fig = Figure(figsize=(5.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="perfectly calibrated")
+    for c in calibration:
+        ax.plot(c["bins"][:, 0], c["bins"][:, 1], marker="o", label=f"T = {c['temperature']:.2f}, ECE {c['ECE']:.3f}")
+    ax.set(xlabel="confidence (top class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title(f"Reliability diagram ({len(target)} images)")
+    ax.legend(loc="upper left")
+    _save(fig, out / "reliability.png", title)
     return rows
 
 
+def per_image_scores(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """Dice and IoU of each image's thresholded mask (1 where both masks are empty)."""
+    pred, truth = (probs > threshold).flatten(1).float(), target.flatten(1).float()
+    inter, total = (pred * truth).sum(1), pred.sum(1) + truth.sum(1)
+    empty = total == 0
+    dice = torch.where(empty, 1.0, 2 * inter / total.clamp_min(1))
+    return {"dice": dice, "iou": torch.where(empty, 1.0, inter / (total - inter).clamp_min(1))}
+
+
 def write_segmentation_report(
-    values: Mapping[str, float], images: int, threshold: float, out: Path, title: str, note: str = ""
+    values: Mapping[str, float],
+    images: int,
+    threshold: float,
+    out: Path,
+    title: str,
+    note: str = "",
+    per_image: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
-    """``segmentation_report.{md,csv}`` from the module's metric values; returns the rows."""
+    """``segmentation_report.{md,csv}`` from the module's metric values (and, with ``per_image`` Dice/IoU, their
+    means with 95% bootstrap intervals over images); returns the rows."""
     rows = [{"metric": k, "value": float(values[k])} for k in SEGMENTATION_NAMES]
     rows += [{"metric": "images", "value": images}, {"metric": "threshold", "value": float(threshold)}]
     table = to_markdown(
@@ -193,6 +289,17 @@ def write_segmentation_report(
     md = [f"# {title}", "", *([note, ""] if note else []), table]
     md += ["IoU, Dice, precision, recall and accuracy are pooled over every pixel of the split (as the lab reported"]
     md += ["them); mean per-image Dice averages each image's own Dice.", ""]
+    if per_image:
+        scores = {k: v.double().cpu().numpy() for k, v in per_image.items()}
+        found = bootstrap(lambda i: {k: float(v[i].mean()) for k, v in scores.items()}, images, RESAMPLES)
+        intervals = [
+            {"metric": f"mean per-image {'Dice' if k == 'dice' else 'IoU'}", "value": v, "95% CI low": lo}
+            | {"95% CI high": hi, "n": images, "note": f"n < {FEW}" if images < FEW else ""}
+            for k, (v, lo, hi) in found.items()
+        ]
+        md += [f"95% bootstrap intervals ({RESAMPLES} seeded resamples of the images, percentile):", ""]
+        md += [to_markdown(intervals, 3)]
+        write_csv(out / "intervals.csv", intervals)
     (out / "segmentation_report.md").write_text("\n".join(md), encoding="utf-8")
     write_csv(out / "segmentation_report.csv", rows)
     return rows
@@ -228,6 +335,7 @@ class EvaluationReport(L.Callback):
         self._states = self._pending = None
         if not trainer.sanity_checking and trainer.state.fn.value in self.stages:
             metrics = {"images": SumMetric(), "probs": CatMetric("disable"), "target": CatMetric("disable")}
+            metrics |= {"dice": CatMetric("disable"), "iou": CatMetric("disable")}
             self._states = {k: m.to(pl_module.device) for k, m in metrics.items()} | {"overlays": []}
 
     def _collect(self, pl_module: L.LightningModule, outputs: Mapping[str, torch.Tensor], batch: Any) -> None:
@@ -239,9 +347,11 @@ class EvaluationReport(L.Callback):
             self._states["probs"].update(probs)
             self._states["target"].update(target)
             return
+        threshold = pl_module.describe()["threshold"]
+        for key, values in per_image_scores(probs, target, threshold).items():
+            self._states[key].update(values)
         take = self.num_images - sum(len(o[0]) for o in self._states["overlays"])
         if take > 0:
-            threshold = pl_module.describe()["threshold"]
             pieces = (batch["image"][:take], target[:take].float(), (probs[:take] > threshold).float())
             self._states["overlays"].append([p.cpu() for p in pieces])
 
@@ -259,7 +369,8 @@ class EvaluationReport(L.Callback):
             data: Any = (self._states["probs"].compute(), self._states["target"].compute().long())
         else:
             values = {k.split("/", 1)[1]: float(v) for k, v in pl_module.stage_metrics(split).compute().items()}
-            data = (values, images, self._states["overlays"])
+            per_image = {k: self._states[k].compute() for k in ("dice", "iou")}
+            data = (values, images, self._states["overlays"], per_image)
         self._pending = (split, data)
         if trainer.state.fn.value != "fit":
             self._write(trainer, pl_module)
@@ -276,10 +387,10 @@ class EvaluationReport(L.Callback):
         note = f"Checkpoint: `{trainer.ckpt_path}`." if trainer.ckpt_path else ""
         info = pl_module.describe()
         if pl_module.task == "classification":
-            rows = write_classification_report(*data, info["class_names"], out, title, note)
+            rows = write_classification_report(*data, info["class_names"], out, title, note, info["temperature"])
         else:
-            values, images, overlays = data
-            rows = write_segmentation_report(values, images, info["threshold"], out, title, note)
+            values, images, overlays, per_image = data
+            rows = write_segmentation_report(values, images, info["threshold"], out, title, note, per_image)
             if overlays:
                 Image.fromarray(overlay_grid(*(torch.cat(p) for p in zip(*overlays)))).save(out / "overlays.png")
         files = {p.name: p for p in sorted(out.iterdir())}

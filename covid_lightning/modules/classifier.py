@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.nn.modules.batchnorm import _BatchNorm
-from torchmetrics import MetricCollection
+from torchmetrics import CatMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
+    MulticlassCalibrationError,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassPrecision,
@@ -25,12 +26,9 @@ from covid_lightning.constants import CLASSES
 from covid_lightning.errors import UserError
 from covid_lightning.models.classifier import REGIMES, XRayNet
 from covid_lightning.modules.base import XRayModule
-from covid_lightning.modules.metrics import PairAccuracy
+from covid_lightning.modules.metrics import PairAccuracy, fit_temperature
 
 log = logging.getLogger(__name__)
-
-#: Canonical class names, duplicated from ``data.scan.CLASSES`` so ``modules/`` does not import ``data/``
-#: (a test checks that both agree).
 
 
 class ClassMismatchError(UserError, ValueError):
@@ -63,6 +61,10 @@ class XRayClassifier(XRayModule):
             layers keep BatchNorm in inference mode for the whole run.
         class_weights: per-class loss weights; the CLI links them from ``data.class_weights`` (e.g. ``balanced``).
         label_smoothing: cross-entropy label smoothing.
+        calibrate: temperature scaling (Guo et al., 2017): at each validation epoch of a fit, the temperature ``T``
+            that minimises the validation NLL is fitted and stored in the checkpoint; every probability this model
+            gives (reports, predictions CSV, server, export) is ``softmax(logits / T)``. Argmax, accuracy and AUROC
+            do not change.
         backbone_lr_factor: the trainable backbone layers get ``lr * backbone_lr_factor`` (the head the
             optimizer's ``lr``): gentle fine-tuning of pretrained layers.
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
@@ -92,6 +94,7 @@ class XRayClassifier(XRayModule):
         trainable: str = "head",
         class_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        calibrate: bool = True,
         backbone_lr_factor: float = 1.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -134,6 +137,8 @@ class XRayClassifier(XRayModule):
         weight = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
         self.label_smoothing = label_smoothing
+        self.register_buffer("temperature", torch.ones(()), persistent=False)  # in the checkpoint's own key
+        self.val_logits, self.val_labels = CatMetric(), CatMetric()  # synchronised across ranks
 
         keys = [metric_key(n) for n in class_names]
         pair = {}
@@ -152,6 +157,7 @@ class XRayClassifier(XRayModule):
                         MulticlassRecall(num_classes, average=None), labels=keys, prefix="recall_"
                     ),
                     "f1": ClasswiseWrapper(MulticlassF1Score(num_classes, average=None), labels=keys, prefix="f1_"),
+                    "ece": MulticlassCalibrationError(num_classes, n_bins=15),
                 },
                 compute_groups=False,  # shared-state groups make torchmetrics warn "compute before update"
             )
@@ -207,8 +213,11 @@ class XRayClassifier(XRayModule):
         smoothing = self.label_smoothing if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
         self._check_finite(loss, stage)
-        probs = logits.softmax(dim=-1)
+        probs = self.probabilities(logits)
         self.stage_metrics(stage).update(probs, labels)
+        if stage == "val" and self._fitting_temperature():
+            self.val_logits.update(logits.detach())
+            self.val_labels.update(labels)
         if stage != "train":
             getattr(self, f"{stage}_confmat").update(probs, labels)
         self._log_loss(stage, loss, batch_size=labels.shape[0])
@@ -219,9 +228,23 @@ class XRayClassifier(XRayModule):
         self.confusion_matrices[stage] = confmat.compute().cpu()
         confmat.reset()
 
+    def _fitting_temperature(self) -> bool:
+        """Calibrate on a fit's validation epochs (not its sanity check, not ``validate``/``test`` of a checkpoint)."""
+        trainer = self._trainer
+        fitting = trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking
+        return bool(self.hparams.calibrate) and fitting
+
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         self._store_confusion_matrix("val")
+        if self._fitting_temperature() and self.val_labels.update_count:
+            with warnings.catch_warnings():  # CatMetric warns about its own synchronisation on one process
+                warnings.simplefilter("ignore")
+                logits, labels = self.val_logits.compute(), self.val_labels.compute().long()
+            self.temperature.fill_(fit_temperature(logits, labels))
+            self.log("val/temperature", self.temperature.item(), sync_dist=False)
+        self.val_logits.reset()
+        self.val_labels.reset()
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
@@ -231,10 +254,12 @@ class XRayClassifier(XRayModule):
         return {"path": batch["path"], "probs": self.probabilities(self(batch["image"])).cpu()}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "class_names": [str(n) for n in self.class_names]}
+        info = {**super().describe(), "class_names": [str(n) for n in self.class_names]}
+        return info | {"temperature": round(float(self.temperature), 6)}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(dim=-1)
+        """Calibrated class probabilities: ``softmax(logits / temperature)`` (temperature 1 until fitted)."""
+        return (logits.float() / self.temperature).softmax(dim=-1)
 
     def postprocess(
         self, probs: torch.Tensor, sizes: Sequence[tuple[int, int]] | None = None
@@ -245,10 +270,12 @@ class XRayClassifier(XRayModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["preprocess"] = self.preprocess
+        checkpoint["temperature"] = float(self.temperature)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming both sides, weights of other classes (the CLI builds the head from the data's classes)."""
         super().on_load_checkpoint(checkpoint)
+        self.temperature.fill_(float(checkpoint.get("temperature", 1.0)))  # 1: written before calibration
         stored = (checkpoint.get("hyper_parameters") or {}).get("class_names")
         if stored is not None and [str(n) for n in stored] != [str(n) for n in self.class_names]:
             raise ClassMismatchError(

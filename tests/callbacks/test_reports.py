@@ -29,6 +29,9 @@ CLASSIFICATION_FILES = {
     "confusion_matrix.csv",
     "roc.png",
     "auroc.csv",
+    "intervals.csv",
+    "calibration.csv",
+    "reliability.png",
 }
 
 # hand-made predictions: 4 classes, class "d" never predicted (precision 0/0 -> 0)
@@ -177,7 +180,7 @@ def test_classifier_test_and_validate_write_reports(classifier_ckpt: Path, demo_
 
     out = Path(trainer.log_dir) / "report_test"
     assert {p.name for p in out.iterdir()} == CLASSIFICATION_FILES
-    for png in ("confusion_matrix.png", "roc.png"):
+    for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
         _assert_png(out / png)
     rows = {r["class"]: r for r in _read_csv(out / "classification_report.csv")}
     assert list(rows)[:4] == model.class_names
@@ -198,6 +201,22 @@ def test_classifier_test_and_validate_write_reports(classifier_ckpt: Path, demo_
     md = (out / "classification_report.md").read_text()
     assert "| class | precision | recall | f1-score | support | auroc |" in md and "weighted avg" in md
     assert report.results["test"][-1]["class"] == "weighted avg"
+    # 95% bootstrap intervals with n, beside the point values the module logged
+    intervals = {r["metric"]: r for r in _read_csv(out / "intervals.csv")}
+    assert float(intervals["accuracy"]["value"]) == pytest.approx(logged["test/acc"], abs=1e-6)
+    assert int(intervals["accuracy"]["n"]) == n_test
+    for name in model.class_names:
+        row = intervals[f"recall {name}"]
+        assert float(row["value"]) == pytest.approx(logged[f"test/recall_{metric_key(name)}"], abs=1e-6)
+        assert int(row["n"]) == int(rows[name]["support"]) and row["note"] == "n < 30"
+    for row in intervals.values():
+        if row["95% CI low"]:
+            assert float(row["95% CI low"]) <= float(row["value"]) <= float(row["95% CI high"])
+    assert {"balanced accuracy", "macro f1", "COVID vs Normal accuracy"} <= set(intervals)
+    assert "**Warning: fewer than 30 images for COVID (n=" in md and "95% bootstrap intervals" in md
+    calibration = {r["probabilities"]: r for r in _read_csv(out / "calibration.csv")}
+    assert float(calibration["as given"]["ECE"]) == pytest.approx(logged["test/ece"], abs=1e-5)
+    assert float(calibration["as given"]["temperature"]) == pytest.approx(float(model.temperature))
 
     trainer.validate(model, dm)
     val_rows = {r["class"]: r for r in _read_csv(Path(trainer.log_dir) / "report_val" / "classification_report.csv")}
@@ -229,7 +248,8 @@ def test_segmenter_test_writes_report(segmenter_ckpt: Path, demo_root: Path, tmp
     [logged] = trainer.test(model, dm)
 
     out = Path(trainer.log_dir) / "report_test"
-    assert {p.name for p in out.iterdir()} == {"segmentation_report.md", "segmentation_report.csv", "overlays.png"}
+    files = {"segmentation_report.md", "segmentation_report.csv", "overlays.png", "intervals.csv"}
+    assert {p.name for p in out.iterdir()} == files
     assert _assert_png(out / "overlays.png") == (3 * 64, 3 * 64)  # 3 columns (image, truth, prediction), 3 rows
     values = {r["metric"]: float(r["value"]) for r in _read_csv(out / "segmentation_report.csv")}
     for key in ("iou", "dice", "precision", "recall", "accuracy", "dice_per_image"):
@@ -237,3 +257,8 @@ def test_segmenter_test_writes_report(segmenter_ckpt: Path, demo_root: Path, tmp
     assert values["images"] == len(dm.records["test"]) and values["threshold"] == model.threshold
     md = (out / "segmentation_report.md").read_text()
     assert "IoU (Jaccard)" in md and "mean per-image Dice" in md
+    intervals = {r["metric"]: r for r in _read_csv(out / "intervals.csv")}
+    dice = intervals["mean per-image Dice"]
+    assert float(dice["value"]) == pytest.approx(logged["test/dice_per_image"], abs=1e-5)
+    assert float(dice["95% CI low"]) <= float(dice["value"]) <= float(dice["95% CI high"])
+    assert int(dice["n"]) == len(dm.records["test"]) and "mean per-image IoU" in intervals

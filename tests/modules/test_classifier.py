@@ -44,8 +44,36 @@ def test_checkpoint_round_trip_predictions_identical(demo_root: Path, tmp_path: 
     probs = classify(again, batch["path"][0])
     assert list(probs) == list(CLASSES)
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
-    expected = model(batch["image"][:1]).softmax(-1)[0]
+    # the temperature fitted on the validation epoch travels with the checkpoint and scales every probability
+    assert float(model.temperature) != 1.0 and float(loaded.temperature) == float(model.temperature)
+    assert again.describe()["temperature"] == pytest.approx(float(model.temperature))
+    expected = (model(batch["image"][:1]) / model.temperature).softmax(-1)[0]
     torch.testing.assert_close(torch.tensor(list(probs.values())), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_is_fitted_on_validation_only_when_asked(demo_root: Path, tmp_path: Path):
+    from covid_lightning.modules.metrics import fit_temperature
+
+    dm = _dm(demo_root)
+    model = XRayClassifier(pretrained=False, trainable="head", image_size=64)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=1)
+    trainer.fit(model, dm)
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            logits.append(model(batch["image"]))
+            labels.append(batch["label"])
+    expected = fit_temperature(torch.cat(logits), torch.cat(labels))  # the whole val split, no sanity batch twice
+    assert float(model.temperature) == pytest.approx(expected, rel=1e-3)
+    assert trainer.callback_metrics["val/temperature"] == pytest.approx(expected, rel=1e-3)
+    before = float(model.temperature)
+    trainer.validate(model, dm)  # evaluating a model does not refit it
+    assert float(model.temperature) == before
+
+    plain = XRayClassifier(pretrained=False, trainable="head", image_size=64, calibrate=False)
+    _trainer(tmp_path / "plain", max_epochs=1, limit_train_batches=2).fit(plain, dm)
+    assert float(plain.temperature) == 1.0
 
 
 def test_inference_accepts_pil_and_tensor(demo_root: Path):
