@@ -76,7 +76,8 @@ def stage_head(root: str, weights: str, out: str) -> dict[str, Any]:
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             marks[f"epoch{trainer.current_epoch + 1}"] = time.perf_counter()
 
-    args = ["--config", "configs/classification/head_only.yaml", "--data.root", root, "--trainer.max_epochs", "2"]
+    config = Path(__file__).resolve().parents[1] / "configs" / "classification" / "head_only.yaml"
+    args = ["--config", str(config), "--data.root", root, "--trainer.max_epochs", "2"]
     args += ["--trainer.default_root_dir", out, "--trainer.enable_progress_bar", "false"]
     args += ["--model.init_args.pretrained_file", weights] if weights else ["--model.init_args.pretrained", "false"]
     started = time.perf_counter()
@@ -111,7 +112,7 @@ def _run_stage(stage: str, env: dict[str, str], *args: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def scale_check(root: str, weights: str = "", out: str = "", stages: list[str] | None = None) -> int:
+def scale_check(root: str, weights: str = "", out: str = "", stages: list[str] | None = None) -> dict[str, Any]:
     """Run the stages and print a markdown table (and the JSON) of time and peak memory.
 
     Args:
@@ -138,7 +139,7 @@ def scale_check(root: str, weights: str = "", out: str = "", stages: list[str] |
     for key, peak in rows:
         seconds = {k: round(v, 1) for k, v in results[key].items() if k.endswith("_s")}
         print(f"| {key} | {seconds} | {peak:.0f} |")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
@@ -148,4 +149,4 @@ if __name__ == "__main__":
         result["peak_mib"] = _peak_mib()
         print(json.dumps(result), flush=True)
     else:
-        raise SystemExit(auto_cli(scale_check))
+        auto_cli(scale_check)
