@@ -49,7 +49,7 @@ class CovidLightningCLI(LightningCLI):
         # the classifier's head sizes itself from the data's classes (a manifest's labels, or the Kaggle four)
         for target, compute in (("class_names", list), ("num_classes", len)):
             parser.link_arguments("data.class_names", f"model.init_args.{target}", compute, apply_on="instantiate")
-        # and its loss weights from the data's (``--data.class_weights balanced``: from the train split)
+        # and its loss weights from the data's (``--data.balance loss``: from the train split)
         parser.link_arguments("data.class_weights", "model.init_args.class_weights", apply_on="instantiate")
         parser.add_argument(
             "--name", type=str | None, default=None, help="Run name: the run lives in <default_root_dir>/<name>/."

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
 import io
 import json
 import random
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +32,8 @@ from torch import nn
 from torchmetrics.functional.classification import binary_f1_score, multiclass_accuracy
 
 from covid_lightning import __version__
+from covid_lightning.callbacks.reports import to_markdown
+from covid_lightning.checkpointing import load_checkpoint_file
 from covid_lightning.errors import UserError
 from covid_lightning.modules.base import as_xray_module
 
@@ -84,7 +88,8 @@ def build_contract(model: nn.Module, checkpoint: str | Path | None = None) -> di
     info = as_xray_module(model, "export").describe()
     size, prep = info["image_size"], model.preprocess
     if info["kind"] == "classifier":
-        shape, probs = f"(batch, {len(info['class_names'])})", "softmax(logits), in class_names order"
+        shape = f"(batch, {len(info['class_names'])})"
+        probs = f"softmax(logits / {info['temperature']:g}) (temperature scaling), in class_names order"
     else:
         shape, probs = f"(batch, 1, {size}, {size})", "sigmoid(logits); resize bilinearly, then lung where > threshold"
     return info | {
@@ -105,7 +110,68 @@ def build_contract(model: nn.Module, checkpoint: str | Path | None = None) -> di
         "covid_lightning_version": __version__,
         "source_checkpoint": str(Path(checkpoint).resolve()) if checkpoint is not None else None,
         "torch_version": torch.__version__,
+        "model_card": model_card(checkpoint) if checkpoint is not None else None,
     }
+
+
+#: what every model card says about use and limits (the data and the evaluation say the rest)
+INTENDED_USE = (
+    "Research and education: a baseline for chest X-ray classification / lung segmentation experiments on the "
+    "COVID-19 Radiography Database. Not a medical device; not for diagnosis, triage or any clinical decision."
+)
+LIMITATIONS = (
+    "- The database has no patient IDs: splits are by image (near-duplicates kept in one split), so images of one "
+    "patient may sit on both sides.",
+    "- Source confounding: the classes come from different collections with different processing; a classifier can "
+    "learn the source instead of the disease (DeGrave et al. 2021, Roberts et al. 2021). In-distribution figures "
+    "overstate performance on films from other hospitals: see docs/results.md for the external evaluation.",
+    "- Classes with fewer than 30 test images have wide intervals; their point figures are unreliable.",
+    "- Probabilities are calibrated by temperature scaling on the validation split only; recalibrate on new sites.",
+)
+
+
+def model_card(checkpoint: str | Path) -> dict[str, Any]:
+    """Training data, split sizes and the newest test (else validation) report with its 95% intervals and
+    calibration, read from the checkpoint and its run folder; intended use and known limitations."""
+    checkpoint = Path(checkpoint)
+    data = load_checkpoint_file(checkpoint).get("datamodule_hyper_parameters") or {}
+    keys = ("root", "manifest", "streaming", "split_file", "val_fraction", "test_fraction", "seed", "lung_roi")
+    card: dict[str, Any] = {"training_data": {k: data.get(k) for k in keys if data.get(k) not in (None, "")}}
+    run = checkpoint.parent.parent
+    if (run / "split.csv").is_file():
+        with (run / "split.csv").open(newline="", encoding="utf-8") as f:
+            card["split_sizes"] = dict(Counter(r["split"] for r in csv.DictReader(f)))
+    for split in ("test", "val"):
+        reports = sorted(run.glob(f"**/report_{split}/intervals.csv"), key=lambda p: p.stat().st_mtime)
+        if reports:
+            with reports[-1].open(newline="", encoding="utf-8") as f:
+                card |= {"evaluation": f"{split} split, {reports[-1].parent}", "metrics": list(csv.DictReader(f))}
+            if (reports[-1].parent / "calibration.csv").is_file():
+                with (reports[-1].parent / "calibration.csv").open(newline="", encoding="utf-8") as f:
+                    card["calibration"] = list(csv.DictReader(f))
+            break
+    return card | {"intended_use": INTENDED_USE, "limitations": list(LIMITATIONS)}
+
+
+def write_model_card(contract: dict[str, Any], path: Path) -> Path:
+    """The contract's model card as markdown at ``path``."""
+    card = contract["model_card"] or {}
+    what = ", ".join(f"{k} {contract[k]}" for k in ("kind", "image_size", "class_names", "threshold") if k in contract)
+    lines = [f"# Model card: {Path(contract['source_checkpoint'] or path).name}", "", f"{contract['model_class']}: "]
+    lines[-1] += f"{what}; covid-lightning {contract['covid_lightning_version']}.\n"
+    lines += ["## Intended use", "", card.get("intended_use", INTENDED_USE), "", "## Training data", ""]
+    lines += [f"- {k}: `{v}`" for k, v in card.get("training_data", {}).items()]
+    lines += [f"- split sizes: {card['split_sizes']}" if "split_sizes" in card else "- split sizes: unknown", ""]
+    lines += ["## Evaluation (95% bootstrap intervals over images)", ""]
+    if card.get("metrics"):
+        lines += [f"From {card['evaluation']}.", "", to_markdown(card["metrics"], 3)]
+    else:
+        lines += ["No evaluation report found in the run folder: run `lightning test --ckpt_path ...` first.", ""]
+    if card.get("calibration"):
+        lines += ["Calibration (ECE):", "", to_markdown(card["calibration"], 4)]
+    lines += ["## Known limitations", "", *card.get("limitations", LIMITATIONS), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
 
 
 @contextlib.contextmanager
@@ -335,6 +401,7 @@ def export(
         else:
             written = export_torchscript(model, target, checkpoint=ckpt)
         print(written, sidecar_path(written), sep="\n")
+    print(write_model_card(load_contract(written), folder / f"{ckpt.stem}.model_card.md"))
     if not quantize:
         return 0
     paths = list_predict_images(calibrate)

@@ -41,11 +41,21 @@ from covid_lightning.plotting import best_epoch, read_epoch_metrics
 
 log = logging.getLogger("ablate")
 
-#: metrics reported per task by default (the held-out test split first)
+#: metrics reported per task by default (the held-out test split first); classification adds per-class recall
 REPORTED = {
-    "classification": ["test/acc", "test/acc_covid_vs_normal", "test/f1_macro", "val/acc"],
+    "classification": ["test/acc", "test/balanced_acc", "test/acc_covid_vs_normal", "test/f1_macro", "val/acc"],
     "segmentation": ["test/dice", "test/iou", "test/dice_per_image", "val/dice"],
 }
+#: logged metric -> its row in a test report's intervals.csv (the 95% bootstrap interval over images)
+INTERVAL_OF = {
+    "test/acc": "accuracy",
+    "test/balanced_acc": "balanced accuracy",
+    "test/acc_covid_vs_normal": "COVID vs Normal accuracy",
+    "test/f1_macro": "macro f1",
+    "test/dice_per_image": "mean per-image Dice",
+}
+#: the interval columns kept per metric in runs.csv
+BOUNDS = ("low", "high", "n")
 #: runs.csv columns that are not metrics
 RUN_COLUMNS = ("row", "seed", "trainable params", "train_time_s", "best_epoch", "log_dir")
 
@@ -106,8 +116,27 @@ def run_once(config: str | None, row: Row, seed: int, out: Path, common: Sequenc
     if cli.datamodule.records.get("test"):
         [test] = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
         metrics |= {k: float(v) for k, v in test.items()}
+        metrics |= test_intervals(Path(cli.trainer.log_dir) / "report_test" / "intervals.csv")
     params = f"{trainable:,}" if end == trainable else f"{trainable:,} -> {end:,}"
     return Run(row.name, seed, metrics, seconds, best, str(cli.trainer.log_dir), params), cli
+
+
+def test_intervals(path: Path) -> dict[str, float]:
+    """``{metric} low`` / ``{metric} high`` / ``{metric} n`` of a test report's 95% bootstrap intervals."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        found = {r["metric"]: r for r in csv.DictReader(f)}
+    names = {v: k for k, v in INTERVAL_OF.items()} | {
+        m: f"test/recall_{m.split(' ', 1)[1].replace(' ', '_')}" for m in found if m.startswith("recall ")
+    }
+    out = {}
+    for metric, key in names.items():
+        row = found.get(metric)
+        if row and row["95% CI low"]:
+            out |= {f"{key} low": float(row["95% CI low"]), f"{key} high": float(row["95% CI high"])}
+            out[f"{key} n"] = float(row["n"])
+    return out
 
 
 def _mean_std(values: Sequence[float], digits: int) -> str:
@@ -118,13 +147,25 @@ def _mean_std(values: Sequence[float], digits: int) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _cell(runs: Sequence[Run], key: str) -> str:
+    """Mean ± std over seeds, then the seeds' mean 95% interval over images and n, where the runs have them."""
+    cell = _mean_std([r.metrics[key] for r in runs if key in r.metrics], 3)
+    lows = [r.metrics[f"{key} low"] for r in runs if f"{key} low" in r.metrics]
+    highs = [r.metrics[f"{key} high"] for r in runs if f"{key} high" in r.metrics]
+    if cell and lows:
+        n = int(runs[0].metrics.get(f"{key} n", 0))
+        cell += f" [{statistics.fmean(lows):.3f}, {statistics.fmean(highs):.3f}] n={n}" + (" (n < 30)" * (n < 30))
+    return cell
+
+
 def summarize(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, str]]:
-    """One table row per row: trainable parameters, mean ± std over seeds of every key, time, best epoch, seeds."""
+    """One table row per row: trainable parameters, mean ± std over seeds of every key (with the seeds' mean 95%
+    bootstrap interval over test images and n), time, best epoch, seeds."""
     table = []
     for row in rows:
         mine = [r for r in runs if r.row == row.name]
         cells = {"row": row.name, "trainable params": mine[0].trainable if mine else ""}
-        cells |= {k: _mean_std([r.metrics[k] for r in mine if k in r.metrics], 3) for k in keys}
+        cells |= {k: _cell(mine, k) for k in keys}
         cells["train time (s)"] = _mean_std([r.seconds for r in mine], 0)
         cells["best epoch"] = _mean_std([r.best_epoch for r in mine if r.best_epoch is not None], 0)
         table.append(cells | {"seeds": str(len(mine))})
@@ -139,11 +180,13 @@ def write_outputs(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str],
         shown = " ".join(["--config", r.config, *r.args] if r.config else r.args)
         lines.append(f"- **{r.name}**: `{shown or '(the config as is)'}`")
     (out / "ablation.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    extra = [f"{k} {s}" for k in keys for s in BOUNDS if any(f"{k} {s}" in r.metrics for r in runs)]
     values = (
-        [r.row, r.seed, r.trainable, *(r.metrics.get(k) for k in keys), round(r.seconds, 1), r.best_epoch, r.log_dir]
+        [r.row, r.seed, r.trainable, *(r.metrics.get(k) for k in [*keys, *extra])]
+        + [round(r.seconds, 1), r.best_epoch, r.log_dir]
         for r in runs
     )
-    columns = [*RUN_COLUMNS[:3], *keys, *RUN_COLUMNS[3:]]
+    columns = [*RUN_COLUMNS[:3], *keys, *extra, *RUN_COLUMNS[3:]]
     write_csv(out / "runs.csv", [dict(zip(columns, v)) for v in values])
     return out / "ablation.md"
 
@@ -152,12 +195,12 @@ def read_runs(path: Path) -> tuple[list[Run], list[str]]:
     """The runs and metric keys of a ``runs.csv`` written by :func:`write_outputs` (to re-render the table)."""
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        keys = [k for k in reader.fieldnames or [] if k not in RUN_COLUMNS]
+        columns = [k for k in reader.fieldnames or [] if k not in RUN_COLUMNS]
         runs = [
             Run(
                 r["row"],
                 int(r["seed"]),
-                {k: float(r[k]) for k in keys if r[k]},
+                {k: float(r[k]) for k in columns if r[k]},
                 float(r["train_time_s"]),
                 int(r["best_epoch"]) if r["best_epoch"] else None,
                 r["log_dir"],
@@ -165,7 +208,7 @@ def read_runs(path: Path) -> tuple[list[Run], list[str]]:
             )
             for r in reader
         ]
-    return runs, keys
+    return runs, [k for k in columns if k.rpartition(" ")[2] not in BOUNDS]
 
 
 def run_table(
@@ -184,7 +227,9 @@ def run_table(
         for seed in seeds:
             run, cli = run_once(config, row, seed, out, [*common, *split])
             runs.append(run)
-            keys = keys or REPORTED[cli.model.task]
+            if not keys:
+                recalls = [f"test/recall_{str(c).replace(' ', '_')}" for c in getattr(cli.model, "class_names", [])]
+                keys = [*REPORTED[cli.model.task][:-1], *recalls, REPORTED[cli.model.task][-1]]
             if not split and cli.datamodule.manifest_path is not None:
                 split = ["--data.split_file", str(cli.datamodule.manifest_path)]
             log.info("ablate: %s seed %d: %s (%.0f s)", row.name, seed, run.metrics, run.seconds)

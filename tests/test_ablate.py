@@ -27,7 +27,16 @@ def test_summarize_is_mean_and_sample_std_over_seeds():
     assert list(cells.values()) == ["a", "5", "0.850 ± 0.071", "15 ± 7", "2 ± 1", "2"]
 
 
-@pytest.mark.parametrize("name", ["classification", "segmentation", "regimes"])
+def test_cells_carry_the_seeds_mean_interval_over_images_and_n():
+    runs = [
+        Run("a", 0, {"test/acc": 0.9, "test/acc low": 0.8, "test/acc high": 0.96, "test/acc n": 20}, 1.0, 1, "x"),
+        Run("a", 1, {"test/acc": 0.8, "test/acc low": 0.7, "test/acc high": 0.9, "test/acc n": 20}, 1.0, 1, "y"),
+    ]
+    (cells,) = ablate.summarize(runs, [Row("a")], ["test/acc"])
+    assert cells["test/acc"] == "0.850 ± 0.071 [0.750, 0.930] n=20 (n < 30)"
+
+
+@pytest.mark.parametrize("name", ["classification", "segmentation", "regimes", "imbalance"])
 def test_shipped_rows_load(name: str):
     rows = ablate.load_rows(REPO / "scripts" / "ablations" / f"{name}.yaml")
     assert len(rows) >= 3
@@ -37,6 +46,8 @@ def test_shipped_rows_load(name: str):
         staged = rows[-1].args
         assert staged[:2] == ["--model.trainable", "head"] and "StagedUnfreeze" in staged[2]
         assert '"unfreeze_at_epoch": 3' in staged[2]
+    elif name == "imbalance":
+        assert [r.args for r in rows] == [["--data.balance", b] for b in ("none", "loss", "sampler")]
     else:
         assert rows[0].args == []  # the recipe as is comes first
 
@@ -72,6 +83,10 @@ def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
     assert len(masks) == 4 * 8  # the lungs-only row computed the lung masks of every demo image once
     table = (out / "ablation.md").read_text()
     assert "| whole film | " in table and "| lungs only | " in table and " ± " in table
+    n_test = int(float(runs[0]["test/acc n"]))
+    assert f"] n={n_test} (n < 30)" in table  # 95% intervals over the test images, with n
+    assert all(float(r["test/acc low"]) <= float(r["test/acc"]) <= float(r["test/acc high"]) for r in runs)
+    assert "test/balanced_acc" in runs[0] and "test/recall_Lung_Opacity" in runs[0]
 
 
 def test_regime_table_on_demo_data(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):

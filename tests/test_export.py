@@ -112,8 +112,10 @@ def test_contract_in_sidecar_and_onnx_metadata(exported: Exported) -> None:
         assert {"logits", "probs"} <= set(contract["outputs"])
         assert contract["covid_lightning_version"] == __version__
         assert contract["source_checkpoint"] == str(exported.ckpt.resolve())
+        assert contract["model_card"]["intended_use"].startswith("Research and education")
         if exported.kind == "classifier":
             assert contract["class_names"] == model.class_names
+            assert f"softmax(logits / {float(model.temperature):g})" in contract["outputs"]["probs"]
         else:
             assert contract["threshold"] == model.threshold
     # flat ONNX metadata: strings as they are, everything else JSON
@@ -176,14 +178,23 @@ def test_main_writes_the_files(segmenter_ckpt: Path, tmp_path: Path, capsys: pyt
     assert main(["export", str(segmenter_ckpt), "--out", str(out), "--format", "[onnx, torchscript]"]) == 0
     stem = segmenter_ckpt.stem
     expected = [out / f"{stem}.onnx", out / f"{stem}.onnx.json", out / f"{stem}.pt", out / f"{stem}.pt.json"]
+    expected.append(out / f"{stem}.model_card.md")  # one card per export, after the formats' files
     assert capsys.readouterr().out.split() == [str(p) for p in expected]
+    card = (out / f"{stem}.model_card.md").read_text()
+    assert "## Intended use" in card and "## Known limitations" in card and "No evaluation report found" in card
     assert all(p.is_file() and p.stat().st_size > 0 for p in expected)
     assert load_contract(out / f"{stem}.pt")["format"] == "torchscript"
 
     # default: ONNX only, next to the checkpoint
     ckpt = shutil.copy(segmenter_ckpt, tmp_path / "seg.ckpt")
     assert main(["export", str(ckpt)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "seg.ckpt", "seg.onnx", "seg.onnx.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out",
+        "seg.ckpt",
+        "seg.model_card.md",
+        "seg.onnx",
+        "seg.onnx.json",
+    ]
 
 
 def test_main_rejects_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

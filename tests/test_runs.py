@@ -3,6 +3,7 @@ prints, which checkpoints it refuses, how a user mistake reads."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,25 @@ def test_offline_pretrained_weights_are_one_paragraph(tmp_path: Path, demo_root:
     assert proc.returncode == 2 and "\nerror: " in "\n" + proc.stderr and "pretrained_file" in proc.stderr
     assert "Union" not in proc.stderr and "Namespace(" not in proc.stderr
     _quiet(proc)
+
+
+def test_export_writes_a_model_card_from_the_runs_own_test_report(demo_root: Path, tmp_path: Path):
+    """fit -> test -> export: the card carries the training data, split sizes, the test report's 95% intervals and
+    calibration, intended use and limitations; the JSON contract carries the same card."""
+    common = ["--config", str(DEMO_CLS), "--data.root", str(demo_root), *SMALL, "--data.test_fraction", "0.25"]
+    fit = lightning("fit", *common, "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    test = lightning("test", *common, "--ckpt_path", "best", cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    [best] = (tmp_path / "runs").glob("*/version_0/checkpoints/best-*.ckpt")
+    export = lightning("export", str(best), cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    card_md = best.with_name(f"{best.stem}.model_card.md").read_text()
+    for heading in ("## Intended use", "## Training data", "## Evaluation", "## Known limitations"):
+        assert heading in card_md
+    assert "Not a medical device" in card_md and "| accuracy |" in card_md and "ECE" in card_md
+    card = json.loads(best.with_name(f"{best.stem}.onnx.json").read_text())["model_card"]
+    assert card["training_data"]["root"] == str(demo_root) and card["evaluation"].startswith("test split")
+    n_test = {r["metric"]: int(r["n"]) for r in card["metrics"]}["accuracy"]
+    assert card["split_sizes"]["test"] == n_test
+    assert {c["probabilities"] for c in card["calibration"]} == {"temperature 1 (uncalibrated)", "as given"}

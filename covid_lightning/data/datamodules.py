@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
@@ -319,10 +320,16 @@ class XRayDataModule(L.LightningDataModule):
             raise DatasetError("The train split is empty: check data.root, val_fraction and test_fraction.")
         dataset.seed = seed if self.hparams.augment != "none" else None
         if trainer is None:
-            return self._loader("train", EpochSampler(dataset, 1, 0, seed, lambda: 0))
+            return self._loader("train", EpochSampler(dataset, 1, 0, seed, lambda: 0, self._sample_weights()))
         # the epoch Lightning hands to samplers, also when a resumed run builds its iterator before set_epoch
         epoch = lambda: trainer.fit_loop.epoch_progress.current.processed  # noqa: E731
-        return self._loader("train", EpochSampler(dataset, trainer.world_size, trainer.global_rank, seed, epoch))
+        weights = self._sample_weights()
+        sampler = EpochSampler(dataset, trainer.world_size, trainer.global_rank, seed, epoch, weights)
+        return self._loader("train", sampler)
+
+    def _sample_weights(self) -> list[float] | None:
+        """Per train item, how likely an epoch draws it (None: each once, shuffled)."""
+        return None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -345,12 +352,23 @@ class RadiographyDataModule(XRayDataModule):
     Samples: ``{"image": uint8 (3, S, S), "label": int, "path": str}``.
 
     Args:
-        class_weights: the classifier's loss weights, linked by the CLI to ``model.class_weights``: per class, or
-            ``balanced`` (n / (n_classes_present * n_c) over the train split; 0 for an absent class).
+        balance: how the classifier meets class imbalance: ``none``; ``loss``, a class-weighted loss with weights
+            n / (n_classes_present * n_c) over the train split (0 for an absent class); ``sampler``, epochs of the
+            same length drawn with replacement, each class equally likely; or a list of per-class loss weights.
+            Loss weights reach ``model.class_weights`` through the CLI's link.
     """
 
-    def __init__(self, class_weights: Sequence[float] | Literal["balanced"] | None = None, **kwargs: Any) -> None:
+    def __init__(self, balance: Literal["none", "loss", "sampler"] | Sequence[float] = "none", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if balance == "sampler" and self.hparams.streaming:
+            raise DatasetError("data.balance sampler draws from files; a stream is read in its own order. Use files.")
+
+    def _sample_weights(self) -> list[float] | None:
+        if self.hparams.balance != "sampler":
+            return None
+        labels = [r.label for r in self.records["train"]]
+        counts = np.bincount(labels, minlength=len(self.data_classes()))
+        return [1.0 / counts[label] for label in labels]
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -359,9 +377,12 @@ class RadiographyDataModule(XRayDataModule):
 
     @property
     def class_weights(self) -> list[float] | None:
-        weights = self.hparams.class_weights
-        if weights != "balanced":
-            return None if weights is None else [float(w) for w in weights]
+        """The classifier's loss weights (linked to ``model.class_weights``): None unless ``balance`` asks."""
+        weights = self.hparams.balance
+        if weights in ("none", "sampler"):
+            return None
+        if weights != "loss":
+            return [float(w) for w in weights]
         counts = list(self.class_counts.values())
         present = sum(1 for c in counts if c > 0)
         return [sum(counts) / (present * c) if c > 0 else 0.0 for c in counts]

@@ -33,16 +33,30 @@ def make_sample(transform: Callable[..., dict], image: np.ndarray, mask: np.ndar
 class EpochSampler(DistributedSampler):
     """Shuffled by ``(seed, epoch)``, sharded over ranks; yields ``epoch * len(dataset) + i`` so the dataset can
     seed each sample's augmentation (:func:`sample_seed`). ``epoch_source`` is asked at each ``iter``: a resumed
-    run builds its first iterator before Lightning calls ``set_epoch``."""
+    run builds its first iterator before Lightning calls ``set_epoch``. With ``weights`` (one per item) an epoch
+    draws ``len(dataset)`` items with replacement in proportion to them (e.g. a class-balanced epoch)."""
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, epoch_source: Callable[[], int]):
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        epoch_source: Callable[[], int],
+        weights: Sequence[float] | None = None,
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.epoch_source = epoch_source
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def __iter__(self) -> Iterator[int]:
         self.set_epoch(self.epoch_source())
         offset = self.epoch * len(self.dataset)
-        return (offset + i for i in super().__iter__())
+        if self.weights is None:
+            return (offset + i for i in super().__iter__())
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator).tolist()
+        return (offset + i for i in drawn[self.rank : self.total_size : self.num_replicas])
 
 
 class XRayDataset(Dataset):

@@ -149,6 +149,7 @@ class XRayClassifier(XRayModule):
                 {
                     **pair,
                     "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "balanced_acc": MulticlassAccuracy(num_classes, average="macro"),  # mean recall
                     "f1_macro": MulticlassF1Score(num_classes, average="macro"),
                     "precision": ClasswiseWrapper(
                         MulticlassPrecision(num_classes, average=None), labels=keys, prefix="precision_"

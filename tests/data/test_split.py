@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from covid_lightning.data.scan import scan_dataset
+from covid_lightning import RadiographyDataModule
+from covid_lightning.data.demo import make_demo_dataset
+from covid_lightning.data.scan import DatasetError, scan_dataset
 from covid_lightning.data.split import read_manifest, stratified_split, write_manifest
 
 
@@ -44,3 +46,25 @@ def test_manifest_round_trip(demo_root: Path, tmp_path: Path):
     train = {r.path for r, s in zip(records2, splits2) if s == "train"}
     val = {r.path for r, s in zip(records2, splits2) if s == "val"}
     assert train and val and not train & val
+
+
+def test_balanced_sampler_draws_each_class_equally_seeded_per_epoch(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo", n_per_class=40)
+    # drop most Viral Pneumonia images: 4 of 40 left, a 10x minority
+    for path in sorted((root / "Viral Pneumonia" / "images").glob("*.png"))[4:]:
+        path.unlink()
+        (root / "Viral Pneumonia" / "masks" / path.name).unlink()
+    dm = RadiographyDataModule(root=str(root), image_size=32, val_fraction=0.25, balance="sampler", num_workers=0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    labels = [r.label for r in dm.records["train"]]
+    first = [i % len(labels) for i in loader.sampler]
+    assert len(first) == len(labels)  # an epoch is as long as the train split
+    drawn = Counter(labels[i] for i in first)
+    assert min(drawn.values()) > 0.5 * len(labels) / 4  # the 3-image class is drawn about a quarter of the time
+    assert [i % len(labels) for i in loader.sampler] == first  # same epoch, same draw
+    plain = RadiographyDataModule(root=str(root), image_size=32, val_fraction=0.25, num_workers=0)
+    plain.setup("fit")
+    assert sorted(i % len(labels) for i in plain.train_dataloader().sampler) == list(range(len(labels)))
+    with pytest.raises(DatasetError, match="balance sampler"):
+        RadiographyDataModule(streaming=str(tmp_path / "stream"), balance="sampler")

@@ -6,7 +6,7 @@ import torch
 
 from covid_lightning import CLASSES, RadiographyDataModule, XRayClassifier
 from covid_lightning.callbacks import StagedUnfreeze
-from covid_lightning.cli import build_cli
+from covid_lightning.cli import build_cli, main
 from covid_lightning.inference import classify, load_checkpoint
 from tests.helpers.trainers import quiet_trainer
 
@@ -25,7 +25,7 @@ def test_fast_dev_run(demo_root: Path, tmp_path: Path):
 
 
 def test_checkpoint_round_trip_predictions_identical(demo_root: Path, tmp_path: Path):
-    dm = _dm(demo_root, class_weights="balanced")
+    dm = _dm(demo_root, balance="loss")
     model = XRayClassifier(pretrained=False, trainable="last_conv", image_size=64, class_weights=dm.class_weights)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(model, dm)
@@ -93,11 +93,11 @@ def test_inference_accepts_pil_and_tensor(demo_root: Path):
 
 
 def test_balanced_class_weights_from_datamodule(demo_root: Path, tmp_path: Path):
-    dm = _dm(demo_root, class_weights="balanced")
+    dm = _dm(demo_root, balance="loss")
     dm.setup("fit")
     assert dm.class_counts == dict.fromkeys(CLASSES, 6)
     assert dm.class_weights == pytest.approx([1.0] * 4)
-    assert _dm(demo_root).class_weights is None and _dm(demo_root, class_weights=[1, 2, 3, 4]).class_weights == [
+    assert _dm(demo_root).class_weights is None and _dm(demo_root, balance=[1, 2, 3, 4]).class_weights == [
         1,
         2,
         3,
@@ -106,11 +106,17 @@ def test_balanced_class_weights_from_datamodule(demo_root: Path, tmp_path: Path)
     model = XRayClassifier(pretrained=False, image_size=64, class_weights=dm.class_weights)
     _trainer(tmp_path, fast_dev_run=True).fit(model, dm)
     assert model.class_weight.tolist() == pytest.approx([1.0] * 4)
-    # the CLI links data.class_weights to the model: balanced weights from the train split
+    # the CLI links the data's loss weights to the model: balanced weights from the train split
     cli = build_cli(["--config", str(REPO / "configs/demo/classification.yaml"), "--data.root", str(demo_root),
-                     "--data.class_weights", "balanced", "--data.val_fraction", "0.5"], run=False)  # fmt: skip
+                     "--data.balance", "loss", "--data.val_fraction", "0.5"], run=False)  # fmt: skip
     assert cli.model.class_weight.tolist() == pytest.approx([1.0] * 4)
     assert cli.model.hparams.class_weights == pytest.approx([1.0] * 4)
+    # and a real fit through the command logs both hyper-parameter sets (no clash between data and model keys)
+    for balance in ("loss", "sampler"):
+        args = ["fit", "--config", str(REPO / "configs/demo/classification.yaml"), "--data.root", str(demo_root)]
+        args += ["--data.balance", balance, "--data.image_size", "32", "--data.num_workers", "0"]
+        args += ["--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / balance)]
+        assert main(args) == 0
 
 
 def test_staged_unfreeze_keeps_bn_frozen_then_trains_backbone(demo_root: Path, tmp_path: Path):
