@@ -1,5 +1,4 @@
-"""Checkpoints never left half-written (Lightning's temp file in ``$TMPDIR`` is copied over ``last.ckpt`` when
-``$TMPDIR`` is another filesystem), and a loader that names a bad file and what to do."""
+"""Checkpoints never left half-written, and a loader that names a bad file and what to do."""
 
 from __future__ import annotations
 
@@ -23,9 +22,7 @@ class CheckpointError(UserError, ValueError):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in ``path``'s folder, fsync it, then ``os.replace`` it onto ``path``: readers
-    see the old file or the new one; a hard kill can leave a hidden ``.<name>.*.tmp`` behind, never a broken path.
-    The suffix is not ``.ckpt``, so Lightning's ``ckpt_path="last"`` lookup never picks a temp file."""
+    """``torch.save`` to a temp file in ``path``'s folder, fsync it, then ``os.replace`` it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -47,8 +44,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's :class:`TorchCheckpointIO` with local saves made atomic by :func:`atomic_torch_save`;
-    remote paths (fsspec URLs) and ``storage_options`` go to Lightning's own implementation."""
+    """Lightning's :class:`TorchCheckpointIO` with local saves made atomic by :func:`atomic_torch_save`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or get_protocol(os.fspath(path)) not in ("file", "local"):
@@ -73,8 +69,7 @@ def _others(path: Path) -> str:
 def load_checkpoint_file(
     path: str | Path, *, map_location: Any = "cpu", required_keys: tuple[str, ...] = ("state_dict",)
 ) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a checkpoint, or a :class:`CheckpointError` naming the file, what is
-    wrong with it (missing, a folder, empty, truncated, not a checkpoint, lacking ``required_keys``) and what to do."""
+    """``torch.load(weights_only=True)`` of a checkpoint, or a :class:`CheckpointError` saying what is wrong."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist: check the path, or {_others(path)}.")

@@ -1,8 +1,4 @@
-"""The command line: ``lightning`` / ``covid-lightning`` / ``python -m covid_lightning``.
-
-``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's (one YAML per experiment); the extra
-commands (:data:`EXTRA_COMMANDS`) are plain functions run by jsonargparse before LightningCLI parses anything.
-"""
+"""The command line: LightningCLI's ``fit``/``validate``/``test``/``predict`` plus the extra commands."""
 
 from __future__ import annotations
 
@@ -35,9 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class CovidLightningCLI(LightningCLI):
-    """LightningCLI over any :class:`XRayModule` and :class:`XRayDataModule`, defaulting what every run shares (run
-    folder and loggers, atomic checkpoints, ``checkpoint``, ``lr_monitor``, ``report``, ``predictions``), so that a
-    config holds only its experiment."""
+    """LightningCLI over any :class:`XRayModule` and :class:`XRayDataModule`, defaulting what every run shares."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._started = time.monotonic()
@@ -60,8 +54,7 @@ class CovidLightningCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path`` (``last``/``best``: of the newest run of this name), refuse a checkpoint that does
-        not fit the config, plan the run folder, then let Lightning read the hyper-parameters."""
+        """Resolve ``--ckpt_path``, refuse a checkpoint that does not fit the config, plan the run folder."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -107,8 +100,7 @@ class CovidLightningCLI(LightningCLI):
 
 
 def check_checkpoint_fits(ckpt: Path, checkpoint: dict[str, Any], model_config: Any) -> None:
-    """Refuse, before anything runs, a checkpoint (``ckpt``, loaded as ``checkpoint``) that is not this package's,
-    or not the config's kind or shape."""
+    """Refuse, before anything runs, a checkpoint that is not this package's, or not the config's kind or shape."""
     hparams = checkpoint.get("hyper_parameters") or {}
     stored = checkpoint.get(MODEL_CLASS_KEY) or hparams.get("_class_path")
     if not stored:
@@ -235,9 +227,7 @@ def setup_console() -> None:
 
 
 def user_error(err: BaseException | None) -> BaseException | None:
-    """The mistake a user can fix behind ``err``, if any: a :class:`UserError`, a missing file, or a
-    ``ValueError``/``TypeError`` raised by this package's own checks; followed through the exceptions that
-    wrap it (jsonargparse reports a failed ``__init__`` inside its own error)."""
+    """The mistake a user can fix behind ``err`` (or an exception wrapping it), if any."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -255,8 +245,7 @@ def user_error(err: BaseException | None) -> BaseException | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console scripts: a user error is one ``error:`` paragraph and exit code 2 (``--debug``
-    or ``COVID_LIGHTNING_DEBUG=1``: the traceback)."""
+    """Entry point of the console scripts: a user error is one ``error:`` paragraph and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]

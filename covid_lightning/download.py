@@ -1,8 +1,4 @@
-"""``covid-lightning download``: the Kaggle COVID-19 Radiography Database through kagglehub, its layout checked.
-
-Existing files are never touched: a non-empty ``DEST`` gets a link to kagglehub's cache. Offline, the command fails
-within seconds with the manual steps.
-"""
+"""``covid-lightning download``: the Kaggle COVID-19 Radiography Database through kagglehub, its layout checked."""
 
 from __future__ import annotations
 
@@ -45,8 +41,7 @@ def _examples(names: set[str]) -> str:
 def verify_layout(
     root: str | Path, expected: Mapping[str, int] = EXPECTED_COUNTS, *, check_masks: bool = True
 ) -> dict[str, Any]:
-    """Count (never decode) the files of ``<Class>/images`` and ``<Class>/masks`` of the dataset at (or in)
-    ``root``, compare with ``expected`` and name the problems: missing folders, counts, unpaired files."""
+    """Count the files of the dataset at (or in) ``root``, compare with ``expected`` and name the problems."""
     report: dict[str, Any] = {"root": None, "images": dict.fromkeys(CLASSES, 0), "masks": dict.fromkeys(CLASSES, 0)}
     report.update(expected=dict(expected), total_images=0, total_masks=0, ok=False, problems=[])
     problems: list[str] = report["problems"]
@@ -143,8 +138,7 @@ def _explain(err: BaseException, read_timeout: float) -> str:
 
 
 def fetch(dest: str | Path, *, probe_timeout: float = PROBE_TIMEOUT, read_timeout: float = NETWORK_TIMEOUT) -> Path:
-    """Download the dataset so that ``dest/COVID-19_Radiography_Dataset`` exists, or raise :class:`DownloadError`
-    with the manual steps (Kaggle unreachable within ``probe_timeout`` s, silent for ``read_timeout`` s, ...)."""
+    """Download the dataset into ``dest``, or raise :class:`DownloadError` with the manual steps."""
     dest = Path(dest).expanduser()
     if dest.exists() and not dest.is_dir():
         raise DownloadError(f"{dest} is a file, not a folder.\n{manual_steps(dest)}")
@@ -197,9 +191,7 @@ def fetch(dest: str | Path, *, probe_timeout: float = PROBE_TIMEOUT, read_timeou
 def download(
     dest: Path = Path("data"), verify_only: bool = False, masks: bool = True, timeout: PositiveFloat = PROBE_TIMEOUT
 ) -> int:
-    """Download the Kaggle COVID-19 Radiography Database with kagglehub into DEST, check its layout and counts
-    (images and masks per class) and print the --data.root to use. Exit status: 0 the layout matches, 1 it does
-    not (the differences are printed), 2 the download cannot happen.
+    """Download the Kaggle dataset into DEST, check its layout, print the --data.root to use (exit 1/2: mismatch/none).
 
     Args:
         dest: where COVID-19_Radiography_Dataset/ goes.

@@ -1,8 +1,4 @@
-"""The one base class for mistakes a user can fix (a path, a missing file, a wrong checkpoint).
-
-The CLI prints such an error as one paragraph and exits non-zero, without a traceback
-(``--debug`` or ``COVID_LIGHTNING_DEBUG=1`` shows it).
-"""
+"""The one base class for mistakes a user can fix; the CLI prints them without a traceback."""
 
 from __future__ import annotations
 

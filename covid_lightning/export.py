@@ -1,14 +1,7 @@
 """Export a trained model to ONNX or TorchScript with its preprocessing contract, and int8 ONNX for CPU serving.
 
-The graph takes what the DataModules hand the model: ``uint8`` RGB ``N x 3 x S x S`` (0..255, resized to the
-model's ``image_size``); scaling and normalisation are inside, and it returns ``logits`` and ``probs``. The
-contract (:func:`build_contract`) is written next to each file as ``<file>.json``, into the ONNX
-``metadata_props`` (one entry per key, plus ``contract``: the whole JSON) and into the TorchScript archive.
-
-ONNX uses the ``torch.export``-based exporter (``dynamo=True``, whose lowest opset is 18); a lower ``opset``
-falls back to the deprecated TorchScript-based exporter, for old runtimes. INT8 is ONNX Runtime static
-quantization (QDQ, uint8 activations calibrated on real images, int8 weights per output channel); it changes the
-numbers, so :func:`agreement` measures how far from float32 it lands on images not used for calibration.
+The graph takes ``uint8`` RGB ``N x 3 x S x S`` and returns ``logits`` and ``probs``; scaling and normalisation are
+inside. The contract (:func:`build_contract`) goes next to each file, into ONNX metadata and the TorchScript archive.
 """
 
 from __future__ import annotations
@@ -131,8 +124,7 @@ LIMITATIONS = (
 
 
 def model_card(checkpoint: str | Path) -> dict[str, Any]:
-    """Training data, split sizes and the newest test (else validation) report with its 95% intervals and
-    calibration, read from the checkpoint and its run folder; intended use and known limitations."""
+    """Training data, split sizes, the newest test (else validation) report, intended use and known limitations."""
     checkpoint = Path(checkpoint)
     data = load_checkpoint_file(checkpoint).get("datamodule_hyper_parameters") or {}
     keys = ("root", "manifest", "streaming", "split_file", "val_fraction", "test_fraction", "seed", "lung_roi")
@@ -227,10 +219,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     checkpoint: str | Path | None = None,
 ) -> Path:
-    """Write ``model`` as ONNX (input ``image``; outputs ``logits``, ``probs``) with its contract.
-
-    ``dynamic_batch=False`` fixes the batch to 1; ``checkpoint`` is recorded as the source in the contract.
-    """
+    """Write ``model`` as ONNX with its contract; ``dynamic_batch=False`` fixes the batch to 1."""
     import onnx
 
     path = Path(path)
@@ -261,8 +250,7 @@ def export_onnx(
 
 
 def export_torchscript(model: nn.Module, path: str | Path, *, checkpoint: str | Path | None = None) -> Path:
-    """Write ``model`` as a traced TorchScript archive (uint8 only: a guard rejects float or resized input), with
-    its contract in ``<path>.json`` and in the archive (``_extra_files`` key :data:`TORCHSCRIPT_CONTRACT`)."""
+    """Write ``model`` as a traced TorchScript archive (uint8 input only) with its contract inside and beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     contract = build_contract(model, checkpoint)
@@ -276,7 +264,6 @@ def export_torchscript(model: nn.Module, path: str | Path, *, checkpoint: str | 
     return path
 
 
-# int8 ---------------------------------------------------------------------------------------------------------
 def int8_path(onnx_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.int8.onnx``."""
     path = Path(onnx_path)
@@ -298,8 +285,7 @@ def calibration_batches(
 def quantize_onnx(
     onnx_path: str | Path, out_path: str | Path | None, batches: Sequence[np.ndarray], per_channel: bool = True
 ) -> Path:
-    """Write the int8 version of an :func:`export_onnx` file (default :func:`int8_path`), calibrated on
-    ``batches``, with the float32 file's contract plus ``quantization``."""
+    """Write the int8 version of an :func:`export_onnx` file, calibrated on ``batches``, with its contract."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -341,8 +327,7 @@ def session(path: str | Path, threads: int | None = None) -> Any:
 
 
 def agreement(float_path: str | Path, int8_path_: str | Path, batches: Sequence[np.ndarray]) -> dict[str, Any]:
-    """How the int8 graph's ``probs`` differ from the float32 graph's on ``batches``: ``max_prob_diff``, and
-    ``top1_agreement`` (classifier) or ``mask_dice`` over every pixel (segmenter)."""
+    """How the int8 graph's ``probs`` differ from the float32 graph's: max difference, top-1 agreement or Dice."""
     contract = load_contract(float_path)
     feeds = [{contract["input_name"]: b} for b in batches]
     ref, got = (
@@ -359,7 +344,6 @@ def agreement(float_path: str | Path, int8_path_: str | Path, batches: Sequence[
     return result
 
 
-# the command ----------------------------------------------------------------------------------------------------
 def export(
     ckpt: Path,
     out: Path | None = None,

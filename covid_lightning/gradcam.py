@@ -1,9 +1,6 @@
-"""Grad-CAM heatmaps for the classifier, with the ``grad-cam`` package (``pytorch_grad_cam``).
+"""Grad-CAM heatmaps for the classifier (``pytorch_grad_cam``) on the backbone's last conv block.
 
-Layer: the backbone's last conv block *after* its BatchNorm + ReLU6 (timm MobileNetV2 ``bn2``, Keras
-``out_relu``): the feature map the pooling and the head see. The model runs on float [0, 1] inputs that
-require grad while every parameter is frozen, so gradients reach that layer whatever the ``trainable`` regime,
-no parameter's ``.grad`` changes, and it works inside ``Trainer.predict`` (inference mode).
+Inputs require grad while every parameter is frozen, so it works whatever the ``trainable`` regime.
 """
 
 from __future__ import annotations
@@ -51,11 +48,7 @@ def gradcam_batch(
     target_classes: Sequence[int | str | None] | None = None,
     layer: nn.Module | None = None,
 ) -> list[np.ndarray]:
-    """Grad-CAM heatmaps, float32 (H, W) in [0, 1] at each image's original size, in one forward/backward pass.
-
-    ``target_classes``: one index or name per image (None: its predicted class). The model's train/eval mode,
-    ``requires_grad`` flags and parameter gradients are left as they were.
-    """
+    """Grad-CAM heatmaps, float32 (H, W) in [0, 1] at each image's size, for ``target_classes`` (None: predicted)."""
     rgbs = [to_rgb_uint8(im) for im in images]
     target_classes = [None] * len(rgbs) if target_classes is None else list(target_classes)
     if len(target_classes) != len(rgbs):

@@ -1,6 +1,4 @@
-"""Checkpoint -> predictions for paths, PIL images, arrays or tensors: the one prediction path of
-``classify``/``segment``, the server and the lung-mask cache (validation preprocessing, then the model's
-``probabilities`` and ``postprocess``)."""
+"""Checkpoint -> predictions for paths, PIL images, arrays or tensors: the one prediction path."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Lung masks predicted once per image by a :class:`LungSegmenter` and cached (PNG 0/255 at the image's size, in
-``<cache>/<sha1 of the checkpoint>/``; an image newer than its mask is redone), for ``data.lung_masks``."""
+"""Lung masks predicted once per image by a :class:`LungSegmenter` and cached, for ``data.lung_masks``."""
 
 from __future__ import annotations
 
@@ -44,8 +43,7 @@ def predict_lung_masks(
     batch_size: int = 16,
     device: str | None = None,
 ) -> Path:
-    """Predict and cache the lung mask of every image not cached yet (the checkpoint is not even loaded when none
-    is left); return the mask folder. Unreadable images are skipped with a warning (the screening names them)."""
+    """Predict and cache the lung mask of every image not cached yet; return the mask folder."""
     ckpt = Path(segmenter_ckpt).expanduser()
     if not ckpt.is_file():
         raise FileNotFoundError(f"Segmenter checkpoint {ckpt} does not exist.")
@@ -84,8 +82,7 @@ def predict_lung_masks(
 def attach_lung_masks(
     datamodule: Any, segmenter_ckpt: str | Path, cache_root: str | Path | None = None, stage: str | None = None
 ) -> Path:
-    """Compute the lung masks of the images ``datamodule`` will use at ``stage`` (``predict``: ``predict_root``,
-    else the dataset; None: both) and set ``datamodule.hparams.lung_masks`` to their folder."""
+    """Compute the lung masks ``datamodule`` will use at ``stage`` and set ``hparams.lung_masks`` to their folder."""
     predict_root = datamodule.hparams.get("predict_root")
     paths = [] if stage == "predict" and predict_root else [r.path for r in datamodule._source().records]
     if predict_root and stage in ("predict", None):
@@ -98,8 +95,7 @@ def attach_lung_masks(
 def lungmasks(
     ckpt: Path, root: Path, out: Path | None = None, batch_size: PositiveInt = 16, device: str | None = None
 ) -> int:
-    """Predict the lung mask of every PNG/JPEG/DICOM under ROOT (recursive; a Kaggle layout's masks/ excluded) with
-    a LungSegmenter checkpoint, once per image (cached), and print the folder to pass as --data.lung_masks.
+    """Predict (once, cached) the lung mask of every image under ROOT and print the folder for --data.lung_masks.
 
     Args:
         ckpt: LungSegmenter checkpoint.

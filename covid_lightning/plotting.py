@@ -34,8 +34,7 @@ def find_metrics_csv(path: str | Path) -> Path:
 
 
 def read_epoch_metrics(metrics_csv: str | Path) -> dict[int, dict[str, float]]:
-    """CSVLogger ``metrics.csv`` -> ``{epoch: {column: last non-empty value}}``; ``*_epoch`` columns lose the
-    suffix (``train/loss_epoch`` -> ``train/loss``), ``*_step`` columns are dropped."""
+    """CSVLogger ``metrics.csv`` -> ``{epoch: {column: last non-empty value}}`` (``*_step`` columns dropped)."""
     epochs: dict[int, dict[str, float]] = {}
     with Path(metrics_csv).open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):

@@ -133,8 +133,7 @@ class RunPlan:
 
 
 class _KeepingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run keeps its rows up to the
-    checkpoint's step (what a killed run logged after it is dropped) and appends."""
+    """A CSV writer that keeps a resumed run's ``metrics.csv`` rows up to the checkpoint's step and appends."""
 
     def __init__(self, log_dir: str, resume_step: int | None) -> None:
         self._resume_step = resume_step

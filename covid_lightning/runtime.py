@@ -17,8 +17,7 @@ FAST_BF16_ENV = "COVID_LIGHTNING_FAST_BF16"
 
 
 def keep_freed_memory() -> bool:
-    """glibc ``mallopt``: no mmap for large tensors, trim threshold 1 GiB, so freed memory is reused instead of
-    fresh pages faulting in at every step (the process keeps its peak memory). False without glibc."""
+    """glibc ``mallopt`` so freed memory is reused instead of faulting in fresh pages; False without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_MAX, M_TRIM_THRESHOLD
@@ -32,8 +31,7 @@ def tune_cpu_allocator() -> bool:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has native bfloat16 kernels on this CPU (else bf16 convolutions are many times slower);
-    ``COVID_LIGHTNING_FAST_BF16=0|1`` overrides the detection."""
+    """Whether oneDNN has native bfloat16 kernels on this CPU (``COVID_LIGHTNING_FAST_BF16=0|1`` overrides)."""
     forced = os.environ.get(FAST_BF16_ENV, "").strip().lower()
     if forced in ("0", "1", "false", "true", "no", "yes"):
         return forced in ("1", "true", "yes")
@@ -44,8 +42,7 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def device_precision(precision: Any, accelerator: Any) -> Any:
-    """One config for every machine: on a CPU, ``16-mixed`` (a GPU feature) becomes ``bf16-mixed`` where the
-    CPU has native bf16 kernels, else ``32-true``; an explicit ``bf16-mixed`` without them is kept, with a warning."""
+    """On a CPU, ``16-mixed`` becomes ``bf16-mixed`` where the CPU has native bf16 kernels, else ``32-true``."""
     on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
     if not on_cpu:
         return precision

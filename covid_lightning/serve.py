@@ -1,9 +1,7 @@
 """``covid-lightning serve CKPT``: a LitServe HTTP server for a classifier or segmenter checkpoint.
 
-``POST /predict``: raw PNG/JPEG/DICOM bytes or JSON ``{"image": "<base64>"}``; bad requests get a 400/413/415 with
-``{"detail": ...}``. ``GET /info``: the model (:func:`model_info`). Requests are checked, decoded and preprocessed in
-the HTTP process (a FastAPI dependency): in LitServe's batched loop an exception in one request's ``decode_request``
-would fail its whole batch. The workers run batches through :func:`covid_lightning.inference.predict_batch`.
+Requests are checked, decoded and preprocessed in the HTTP process (a FastAPI dependency): in LitServe's batched
+loop an exception in one request's ``decode_request`` would fail its whole batch.
 """
 
 import base64
@@ -92,8 +90,7 @@ def image_bytes_from_json(body: bytes) -> bytes:
 
 
 def decode_image(data: bytes, image_size: int) -> dict[str, Any]:
-    """PNG/JPEG/DICOM bytes -> ``{"image": uint8 (3, S, S), "height", "width"}``, preprocessed as ``classify``
-    does (DICOM through the training decode); the size is read from the header before any pixel."""
+    """PNG/JPEG/DICOM bytes -> ``{"image": uint8 (3, S, S), "height", "width"}``, preprocessed as ``classify``."""
     dicom = has_dicom_magic(data)
     try:
         if dicom:
@@ -143,9 +140,7 @@ ImageRequest = Annotated[dict[str, Any], Depends(read_image_request)]
 
 
 class XRayAPI(ls.LitAPI):
-    """LitServe API over a checkpoint (loaded in each worker): a classifier answers ``{"kind": "classifier",
-    "probs", "predicted"}``, a segmenter ``{"kind": "segmenter", "mask_png" (base64 PNG, 0/255, the image's size),
-    "lung_fraction", "width", "height"}``; ``threads`` are a CPU worker's torch threads."""
+    """LitServe API over a checkpoint (loaded in each worker); ``threads`` are a CPU worker's torch threads."""
 
     def __init__(
         self, ckpt: str | Path, max_batch_size: int = 8, batch_timeout: float = 0.01, threads: int | None = None

@@ -10,9 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``monitor``/``mode`` default to the model's (``XRayModule.monitor``: ``val/acc``
-    for the classifier, ``val/dice`` for the segmenter), the best file named ``best-epochNN-<metric>V.VVVV.ckpt``,
-    and ``last.ckpt`` written after every epoch for ``--ckpt_path last``."""
+    """``ModelCheckpoint`` whose ``monitor``/``mode`` default to the model's, with ``best-*.ckpt`` and ``last.ckpt``."""
 
     def __init__(
         self,

@@ -17,13 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class FrozenFeatureCache(L.Callback):
-    """At fit start, run the frozen prefix of the network (BN in inference mode) once over the train and val
-    images and give the DataModule datasets of these activations (``head``: the pooled features; otherwise the
-    input of the first trainable layer): every epoch then trains the suffix and decodes no image. The image
-    datasets come back at fit end.
-
-    Off, with a log line, where it cannot be exact: train-time augmentation, a backbone that trains or unfreezes
-    (``all``, a finetuning callback such as StagedUnfreeze), a backbone without a known split.
+    """At fit start, run the frozen prefix of the network once over the train and val images and train every epoch
+    on these cached activations; off, with a log line, where that cannot be exact (augmentation, unfreezing).
 
     Args:
         dtype: storage type of the activations (``float16`` halves the memory; ``float32`` is bit-exact).

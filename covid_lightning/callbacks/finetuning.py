@@ -12,11 +12,7 @@ log = logging.getLogger(__name__)
 
 
 class StagedUnfreeze(BaseFinetuning):
-    """Train the head first, then the whole backbone from ``unfreeze_at_epoch`` on.
-
-    Frozen BatchNorm layers stay in inference mode (moving statistics used, never updated, as in Keras) until
-    they are unfrozen, unlike ``BaseFinetuning.freeze(train_bn=False)``. The backbone joins the optimizer as a
-    new param group.
+    """Train the head first, then the whole backbone from ``unfreeze_at_epoch`` on (frozen BN in eval, as in Keras).
 
     Args:
         unfreeze_at_epoch: first epoch (0-based) in which the backbone trains.

@@ -15,8 +15,7 @@ from covid_lightning.inference import predict_batch
 
 
 def overlay_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> np.ndarray:
-    """uint8 (N, 3, H, W) images, {0, 1} (N, 1, H, W) masks and predictions -> an HxWx3 uint8 grid, one row per
-    image: the image, the ground truth over it (green), the prediction over it (red)."""
+    """Images, masks and predictions -> an HxWx3 uint8 grid: image, ground truth (green), prediction (red)."""
     tiles = []
     for image, truth, pred in zip(images.cpu().to(torch.uint8), masks.cpu() > 0.5, preds.cpu() > 0.5):
         tiles += [image, draw_segmentation_masks(image, truth, 0.45, (0, 200, 0))]
@@ -25,8 +24,7 @@ def overlay_grid(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor)
 
 
 class SegmentationOverlays(L.Callback):
-    """After each validation epoch, write ``<log_dir>/overlays/epoch_NNN.png`` and log it to TensorBoard,
-    always for the first ``num_images`` validation images.
+    """After each validation epoch, write ``<log_dir>/overlays/epoch_NNN.png`` and log it to TensorBoard.
 
     Args:
         num_images: rows in the grid.

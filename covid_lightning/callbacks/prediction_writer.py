@@ -1,10 +1,5 @@
-"""PredictionWriter: ``lightning predict`` -> ``predictions.csv`` (path, predicted, one probability per class) and
-optional Grad-CAM overlays ``gradcam/*.png`` for a classifier; ``masks/*.png`` (0/255, the image's own size) and
-``lung_area.csv`` (path, mask_path, lung_fraction) for a segmenter.
-
-Paths are relative to ``data.predict_root``; output names keep the sub-folders and end in ``.png`` (``a.jpg.png``
-where ``a.png`` is an input too). Several devices: rank 0 gathers every rank's CSV rows; images are written by
-each rank (on several nodes ``output_dir`` must be shared).
+"""PredictionWriter: ``lightning predict`` -> ``predictions.csv`` (and Grad-CAM overlays) for a classifier,
+``masks/*.png`` and ``lung_area.csv`` for a segmenter; rank 0 gathers the CSV rows of every rank.
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ def _png_name(rel: str) -> str:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write the predictions of an :class:`XRayClassifier` or a :class:`LungSegmenter` (see the module doc).
+    """Write the predictions of an :class:`XRayClassifier` or a :class:`LungSegmenter`.
 
     Args:
         output_dir: where to write; None = the run's log folder (``<default_root_dir>/predictions`` without one).

@@ -1,8 +1,4 @@
-"""Evaluation reports for ``lightning validate`` / ``lightning test``: the lab's tables and figures, on disk.
-
-Every table here (and the experiment runner's) is a list of dict rows, written by :func:`to_markdown` and
-:func:`write_csv`: a new column is a new key.
-"""
+"""Evaluation reports for ``validate`` / ``test``: the lab's tables (lists of dict rows) and figures, on disk."""
 
 from __future__ import annotations
 
@@ -87,11 +83,7 @@ def confusion_matrix(probs: torch.Tensor, target: torch.Tensor, num_classes: int
 
 
 def classification_table(probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """sklearn's ``classification_report`` as rows (per class, ``accuracy``, ``macro avg``, ``weighted avg``) + AUROC.
-
-    ``probs``: (N, C) probabilities, or (N,) predicted labels (no AUROC then). AUROC is one-vs-rest, None for a
-    class without positives or negatives; its averages skip those classes.
-    """
+    """sklearn's ``classification_report`` as rows + one-vs-rest AUROC (``probs``: (N, C), or (N,) labels: no AUROC)."""
     target, probs = torch.as_tensor(target).long().flatten().cpu(), torch.as_tensor(probs).cpu()
     probs = probs.float() if probs.ndim == 2 else probs.long()
     n = len(class_names)
@@ -143,8 +135,7 @@ def to_text(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
 def interval_rows(
     probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], seed: int = 0
 ) -> list[dict[str, Any]]:
-    """Accuracy, balanced accuracy, macro F1, COVID-vs-Normal accuracy (when both classes exist) and per-class
-    recall/F1/AUROC, each with its 95% percentile bootstrap interval over images and its n."""
+    """Headline and per-class metrics, each with its 95% percentile bootstrap interval over images and its n."""
     names = [str(c) for c in class_names]
     pair = (names.index("COVID"), names.index("Normal")) if {"COVID", "Normal"} <= set(names) else None
     target = torch.as_tensor(target).long().cpu()
@@ -199,8 +190,7 @@ def write_classification_report(
     note: str = "",
     temperature: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """The classification tables and figures into ``out``; returns the table rows. ``probs`` are the model's
-    (calibrated by ``temperature``); the calibration section compares them with the uncalibrated ones."""
+    """The classification tables and figures into ``out``; returns the table rows."""
     names, n = list(class_names), len(class_names)
     rows = classification_table(probs, target, names)
     cm = confusion_matrix(probs, target, n)
@@ -279,8 +269,7 @@ def write_segmentation_report(
     note: str = "",
     per_image: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
-    """``segmentation_report.{md,csv}`` from the module's metric values (and, with ``per_image`` Dice/IoU, their
-    means with 95% bootstrap intervals over images); returns the rows."""
+    """``segmentation_report.{md,csv}`` from the module's metric values (and per-image intervals); returns the rows."""
     rows = [{"metric": k, "value": float(values[k])} for k in SEGMENTATION_NAMES]
     rows += [{"metric": "images", "value": images}, {"metric": "threshold", "value": float(threshold)}]
     table = to_markdown(
@@ -307,16 +296,10 @@ def write_segmentation_report(
 
 # the callback ------------------------------------------------------------------------------------------------
 class EvaluationReport(L.Callback):
-    """Write the lab's evaluation report into ``<log_dir>/report_<split>/`` after validate/test.
-
-    Classifier: ``classification_report.{md,csv}`` (precision, recall, F1, support, AUROC per class and averaged),
-    ``confusion_matrix.{csv,png}``, ``roc.png``, ``auroc.csv``, from the probabilities ``validation_step`` /
-    ``test_step`` return. Segmenter: ``segmentation_report.{md,csv}`` (the module's own metrics) and
-    ``overlays.png``. States are synchronised across ranks; rank 0 writes; a stage without batches writes nothing.
+    """Write the lab's evaluation report (tables and figures) into ``<log_dir>/report_<split>/`` after validate/test.
 
     Args:
-        stages: when to report: ``validate`` and ``test`` (the CLI subcommands), ``fit`` = the last
-            validation epoch of a fit (the final weights, not necessarily the best checkpoint's).
+        stages: when to report: ``validate``, ``test``, ``fit`` (the last validation epoch of a fit).
         num_images: rows of the segmentation overlay grid (the first images of the split).
     """
 

@@ -41,12 +41,10 @@ def default_num_workers() -> int:
 
 
 class XRayDataModule(L.LightningDataModule):
-    """Shared base: reads one data source, screens and splits it (:func:`~covid_lightning.data.split.select_records`)
-    and serves loaders of sample dicts; the split is written as ``split.csv`` next to the run's logs.
+    """Shared base: reads one data source, screens and splits it, and serves loaders of sample dicts.
 
     Args:
-        root: the Kaggle dataset folder (or a folder containing ``COVID-19_Radiography_Dataset``); None = the
-            synthetic demo dataset, generated on first use.
+        root: the Kaggle dataset folder (or its parent); None = the synthetic demo dataset.
         image_size: square size images (and masks) are resized to.
         batch_size: samples per batch (per device).
         num_workers: DataLoader workers; None sizes them from the CPU count.
@@ -55,21 +53,17 @@ class XRayDataModule(L.LightningDataModule):
         seed: seed of the split, of the shuffling and of the augmentation.
         split_file: a ``split.csv`` written by an earlier run: reuse that exact split.
         augment: train-time augmentation (X-ray-safe).
-        predict_root: for ``predict``: one PNG/JPEG/DICOM file, or a folder of them (recursive; a dataset's lung
-            masks skipped).
+        predict_root: for ``predict``: one PNG/JPEG/DICOM file, or a folder of them (recursive).
         demo_size: images per class of the demo dataset (``root`` None).
-        on_bad_file: every file is decoded once at setup (cached): ``error`` stops naming each unreadable file,
-            ``skip`` drops, counts and logs them.
+        on_bad_file: ``error`` stops naming each unreadable file, ``skip`` drops, counts and logs them.
         duplicates: duplicate images (``near``: exact + perceptual hash) are kept within one split.
         lung_masks: folder of predicted lung masks (``covid-lightning lungmasks``): the classifier sees the lungs.
         lung_segmenter: a LungSegmenter checkpoint: the CLI computes (once, cached) the lung masks.
         lung_roi: ``crop`` (the lungs' bounding box), ``mask`` (zero outside the lungs) or ``crop_mask``.
         lung_margin: margin around the lungs, a fraction of the box size (crop) or image size (mask).
-        streaming: a LitData dataset written by ``covid-lightning optimize`` (folder or object-store URL): its
-            train/val/test splits replace ``root``.
+        streaming: a LitData dataset from ``covid-lightning optimize`` (folder or URL); replaces ``root``.
         cache_images: ``memory`` or ``disk``: decode and resize every file once (invalidated when it changes).
-        manifest: your own data, a CSV (or ``.parquet``) with the columns ``path``, ``label`` and/or ``mask_path``,
-            optional ``split`` and ``group`` (a patient: kept in one split); replaces ``root``.
+        manifest: a CSV/Parquet with ``path``, ``label`` and/or ``mask_path``, optional ``split``, ``group``.
     """
 
     with_masks = False
@@ -347,15 +341,10 @@ class XRayDataModule(L.LightningDataModule):
 
 
 class RadiographyDataModule(XRayDataModule):
-    """Classification: the Kaggle layout (the four :data:`CLASSES`), the demo data, a manifest or a stream.
-
-    Samples: ``{"image": uint8 (3, S, S), "label": int, "path": str}``.
+    """Classification samples ``{"image": uint8 (3, S, S), "label": int, "path": str}`` from any data source.
 
     Args:
-        balance: how the classifier meets class imbalance: ``none``; ``loss``, a class-weighted loss with weights
-            n / (n_classes_present * n_c) over the train split (0 for an absent class); ``sampler``, epochs of the
-            same length drawn with replacement, each class equally likely; or a list of per-class loss weights.
-            Loss weights reach ``model.class_weights`` through the CLI's link.
+        balance: ``none``; ``loss`` (class-weighted loss); ``sampler`` (class-balanced epochs); or per-class weights.
     """
 
     def __init__(self, balance: Literal["none", "loss", "sampler"] | Sequence[float] = "none", **kwargs: Any) -> None:

@@ -31,10 +31,8 @@ def make_sample(transform: Callable[..., dict], image: np.ndarray, mask: np.ndar
 
 
 class EpochSampler(DistributedSampler):
-    """Shuffled by ``(seed, epoch)``, sharded over ranks; yields ``epoch * len(dataset) + i`` so the dataset can
-    seed each sample's augmentation (:func:`sample_seed`). ``epoch_source`` is asked at each ``iter``: a resumed
-    run builds its first iterator before Lightning calls ``set_epoch``. With ``weights`` (one per item) an epoch
-    draws ``len(dataset)`` items with replacement in proportion to them (e.g. a class-balanced epoch)."""
+    """Shuffled by ``(seed, epoch)``, sharded over ranks; yields ``epoch * len(dataset) + i`` to seed augmentation.
+    With ``weights`` an epoch draws ``len(dataset)`` items with replacement in proportion to them."""
 
     def __init__(
         self,
@@ -60,13 +58,7 @@ class EpochSampler(DistributedSampler):
 
 
 class XRayDataset(Dataset):
-    """Records -> sample dicts through an albumentations transform.
-
-    ``masks``: add ``mask``, float (1, H, W) in {0, 1}, transformed with the image. ``seed``: reseed the
-    transform per sample from (seed, epoch, index); indices beyond ``len(self)`` carry the epoch
-    (:class:`EpochSampler`). ``roi`` is applied to the decoded image (classification only). ``image_cache`` /
-    ``mask_cache`` (:class:`~covid_lightning.data.image_cache.DecodedCache`, row ``cache_index[i]``) replace decoding.
-    """
+    """Records -> sample dicts through an albumentations transform, reseeded per sample with ``seed``."""
 
     def __init__(
         self,
@@ -118,8 +110,7 @@ class ImageFolderDataset(Dataset):
 
 
 class FeatureDataset(Dataset):
-    """Pre-computed activations (:class:`~covid_lightning.callbacks.FrozenFeatureCache`) as samples ``features``,
-    ``label``, ``path``; epoch-carrying indices (:class:`EpochSampler`) are folded back."""
+    """Pre-computed activations (:class:`~covid_lightning.callbacks.FrozenFeatureCache`) as samples."""
 
     def __init__(self, features: torch.Tensor, labels: Sequence[int], paths: Sequence[str]) -> None:
         self.features, self.labels, self.paths = features, list(labels), list(paths)

@@ -1,11 +1,5 @@
 """A synthetic stand-in for the COVID-19 Radiography Database in the exact Kaggle layout: no download, generated
 in seconds, learnable by a small CNN. NOT medical data.
-
-``<root>/COVID-19_Radiography_Dataset/{README.md.txt, .demo.json, <Class>/images/<Class>-<i>.png, <Class>/masks/...}``:
-299x299 PNG images (mode ``L``, about ``rgb_fraction`` of them ``RGB`` with R=G=B) and 256x256 ``RGB`` masks (0/255)
-drawn from the same normalised geometry. Class cues inside the lungs: ``Normal`` clear; ``COVID`` bilateral
-peripheral / lower-zone patches; ``Lung_Opacity`` one or two dense opacities; ``Viral Pneumonia`` diffuse haze
-with a reticular net.
 """
 
 from __future__ import annotations
@@ -144,8 +138,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
 def _add_gauss(
     out: np.ndarray, amp: float, x0: float, y0: float, sx: float, sy: float, ang: float, power: float = 1.0
 ) -> None:
-    """Add an elliptical blob ``amp * exp(-(r^2)^power / 2)`` (normalised centre / sigmas) to ``out``, in a 4-sigma
-    window; ``power`` > 1 gives a flatter top and a sharper edge (dense opacity)."""
+    """Add an elliptical blob ``amp * exp(-(r^2)^power / 2)`` to ``out`` in a 4-sigma window (power > 1: flatter)."""
     size = out.shape[0]
     reach = 4.0 * max(sx, sy)
     c0, c1 = max(0, int((x0 - reach) * size)), min(size, int((x0 + reach) * size) + 1)
@@ -242,11 +235,7 @@ def _pathology(
 def synthesize_xray(
     label: int, rng: np.random.Generator, image_size: int = IMAGE_SIZE, mask_size: int = MASK_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one synthetic chest film of class ``label`` and its lung mask.
-
-    Returns ``(image, mask)``: ``image`` uint8 gray ``(image_size, image_size)``, ``mask`` uint8
-    ``(mask_size, mask_size)`` with values {0, 255}. Both come from the same normalised geometry.
-    """
+    """Draw one synthetic chest film of class ``label`` (uint8 gray) and its lung mask (uint8 {0, 255})."""
     if not 0 <= label < len(CLASSES):
         raise ValueError(f"label must be in 0..{len(CLASSES) - 1}, got {label}")
     size = image_size
@@ -328,8 +317,7 @@ def _is_complete(dataset: Path, params: dict[str, object]) -> bool:
 
 
 def _write_dataset(dataset: Path, n_per_class: int, seed: int, rgb_fraction: float) -> None:
-    """Write every file of the demo into ``dataset``, the marker last. Image ``i`` of class ``c`` draws from
-    ``default_rng((seed, c, i))``; exactly ``round(rgb_fraction * n)`` images per class are saved as RGB."""
+    """Write every file of the demo into ``dataset``, the marker last; image ``i`` of class ``c`` is seeded by both."""
     (dataset / "README.md.txt").write_text(README_TEXT, encoding="utf-8")
     for label, name in enumerate(CLASSES):
         for kind in ("images", "masks"):
@@ -366,13 +354,10 @@ def make_demo_dataset(
     rgb_fraction: float = 0.15,
     overwrite: bool = False,
 ) -> Path:
-    """Write the synthetic demo under ``root`` (default :func:`default_demo_dir`; a path ending in
-    ``COVID-19_Radiography_Dataset`` is the dataset folder itself) and return the dataset folder.
+    """Write the synthetic demo under ``root`` (default :func:`default_demo_dir`) and return the dataset folder.
 
-    Deterministic: the same arguments give byte-identical files, and a finished demo of the same arguments and
-    generator version is returned at once. The files are written into a hidden sibling folder renamed into place
-    once complete, so an interrupted run never leaves a half-written dataset. A non-empty folder that is not a
-    demo (the real dataset) is never overwritten: ``FileExistsError``.
+    Deterministic and atomic (written in a hidden sibling, renamed into place); a finished demo is reused, and a
+    non-empty folder that is not a demo is never overwritten (``FileExistsError``).
     """
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")

@@ -1,5 +1,4 @@
-"""Dataset hygiene: decode every file once, find bad, unpaired and (near-)duplicate files; screen the records a
-DataModule trains on (:func:`screen_records`) and report on a dataset (:func:`check_dataset`, ``check-data``)."""
+"""Dataset hygiene: decode every file once, find bad, unpaired and (near-)duplicate files; screen and report."""
 
 from __future__ import annotations
 
@@ -58,16 +57,14 @@ class FileInfo:
 
 
 def phash(gray: np.ndarray) -> int:
-    """64-bit DCT perceptual hash: 32x32 area resize, the 8x8 lowest frequencies without DC, one bit per
-    coefficient above their median. Robust to re-encoding and resizing."""
+    """64-bit DCT perceptual hash (8x8 lowest frequencies of a 32x32 resize); robust to re-encoding and resizing."""
     low = cv2.dct(cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32))[1:9, 1:9].ravel()
     ranked = np.sort(low)
     return int(np.packbits(low > (ranked[31] + ranked[32]) / 2).view(">u8")[0])
 
 
 def inspect_image(path: str | Path, *, mask: bool = False) -> FileInfo:
-    """Decode ``path`` fully as training does and describe it (as a lung mask with ``mask``); a bad file is
-    described, never raised."""
+    """Decode ``path`` fully as training does and describe it; a bad file is described, never raised."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -112,8 +109,7 @@ def inspect_files(
     workers: int | None = None,
     cache_file: str | Path | None = None,
 ) -> list[FileInfo]:
-    """:func:`inspect_image` over many files (``masks``: all, or per file), in order, in threads. With
-    ``cache_file``, a result is reused while its file's :func:`~covid_lightning.data.image_cache.stat_key` holds."""
+    """:func:`inspect_image` over many files, in order, in threads; ``cache_file`` reuses unchanged files' results."""
     kinds = [masks] * len(paths) if isinstance(masks, bool) else list(masks)
     keys = [stat_key(p) if cache_file is not None else None for p in paths]
     names = [f"{'mask' if m else 'image'}:{k[0]}" if k else "" for m, k in zip(kinds, keys)]
@@ -163,8 +159,7 @@ def duplicate_groups(
     chunk: int = 256,
     confirm: Confirm | None = None,
 ) -> list[int]:
-    """A group id per file: exact duplicates (same ``content_hash``) and near ones (pHash distance <= ``max_distance``
-    and ``confirm``; < 0: exact only), transitively; distances in blocks of ``chunk`` hashes, not all pairs at once."""
+    """A group id per file: exact and near (pHash distance <= ``max_distance``) duplicates, transitively."""
     bits = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)  # per byte, for numpy < 2
     popcount = getattr(np, "bitwise_count", lambda x: bits[x.view(np.uint8)].reshape(*x.shape, 8).sum(-1))
 
@@ -241,10 +236,7 @@ def screen_records(
     workers: int | None = None,
     cache_file: str | Path | None = None,
 ) -> Screening:
-    """Decode every image (and mask) once, before training. ``on_bad_file``: ``error`` raises
-    :class:`DatasetError` naming every unreadable file and why, ``skip`` drops them (and their pair), counted and
-    logged once. ``duplicates``: ``near`` groups exact and perceptual duplicates, ``exact`` identical pixels only,
-    ``none`` nothing; the groups feed the group-aware split."""
+    """Decode every image (and mask) once, before training: drop or refuse bad files, group duplicates for the split."""
     masks = [r.mask_path for r in records if r.mask_path is not None]
     kinds = [False] * len(records) + [True] * len(masks)
     infos = inspect_files([r.path for r in records] + masks, masks=kinds, workers=workers, cache_file=cache_file)
@@ -301,10 +293,8 @@ def check_dataset(
     workers: int | None = None,
     cache_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Decode every image and mask of a dataset (a Kaggle-layout folder or a manifest) and report what stands in
-    the way of training, as a JSON-ready dict (paths relative to the dataset's folder): ``trainable`` unless a
-    ``blocking`` reason (no image, an unreadable file), and ``warnings``. Per-file results are cached (default:
-    :func:`inspection_cache_file`, shared with training)."""
+    """Decode every image and mask of a dataset and report, as a JSON-ready dict, what stands in the way of training
+    (``blocking``) and ``warnings``; per-file results are cached (shared with training)."""
     source = scan.read_records(root, with_masks=None)
     base, class_names, records = source.base, source.class_names, source.records
     kaggle, rel = source.manifest is None, lambda p: relative_path(p, base)

@@ -1,6 +1,4 @@
-"""The file caches' one mechanism (:func:`stat_key`, :data:`CACHE_VERSION`, :func:`atomic_path`, under
-:func:`~covid_lightning.runtime.cache_dir`), used by the inspections of :mod:`~covid_lightning.data.hygiene` and by
-:class:`DecodedCache`: decoded, resized images, so that later epochs never decode a file again."""
+"""The file caches' one mechanism, and :class:`DecodedCache`: decoded, resized images, decoded once."""
 
 from __future__ import annotations
 
@@ -35,9 +33,7 @@ STALE_TEMP_SECONDS = 3600.0
 
 
 def stat_key(path: str | Path) -> tuple[str, str] | None:
-    """``(absolute path, "size mtime_ns ctime_ns inode")``, None when it cannot be stat'ed. The ctime (set on every
-    write, never restored by ``os.utime``) and inode catch a same-size rewrite whose mtime was put back; a stat,
-    not a hash, which would read the whole dataset every run."""
+    """``(absolute path, "size mtime_ns ctime_ns inode")``, None when it cannot be stat'ed."""
     try:
         st = os.stat(path)
     except OSError:
@@ -79,8 +75,7 @@ def decode_resized(path: Path, image_size: int, kind: Kind) -> np.ndarray:
 
 
 def cache_key(paths: Sequence[Path], image_size: int, kind: Kind) -> tuple[str, str]:
-    """``(key, list_id)``: ``key`` hashes the version, kind, size and every file's :func:`stat_key` in order (a
-    changed, added, removed or reordered file changes it); ``list_id`` the kind, size and paths only."""
+    """``(key, list_id)``: ``key`` hashes every file's :func:`stat_key` too; ``list_id`` the paths only."""
     stats = [stat_key(p) for p in paths]
     if None in stats:
         raise ImageReadError(f"Cannot read {kind} {paths[stats.index(None)]}: missing or not accessible. Replace it.")
@@ -91,8 +86,7 @@ def cache_key(paths: Sequence[Path], image_size: int, kind: Kind) -> tuple[str, 
 def _decode_all(
     paths: Sequence[Path], size: int, kind: Kind, workers: int, alloc: Callable[[tuple[int, ...]], np.ndarray]
 ) -> np.ndarray:
-    """Every file decoded and resized into ``alloc(shape)``: one gray plane (N, S, S) when every image's resized
-    channels are equal (chest X-rays: a third of RGB, expanded exactly on read), else full rows (N, S, S, 3)."""
+    """Every file decoded and resized into ``alloc(shape)``: (N, S, S) when all are gray, else (N, S, S, 3)."""
 
     def fill(out: np.ndarray) -> bool:
         def one(i: int) -> bool:
@@ -114,9 +108,7 @@ def _decode_all(
 
 @dataclass(eq=False)
 class DecodedCache:
-    """A read-only array-like of decoded, resized images or masks: ``cache[i]`` is a writable copy of what
-    :func:`decode_resized` gives. ``memory``: a numpy array (shared copy-on-write with forked DataLoader workers);
-    ``disk``: a read-only memmap of a ``.npy``, which pickles as its path (each worker reopens it)."""
+    """A read-only array-like of decoded, resized images or masks, in ``memory`` or on ``disk`` (a memmap)."""
 
     kind: Kind
     image_size: int
@@ -136,9 +128,7 @@ class DecodedCache:
         cache_dir: Path | None = None,
         workers: int | None = None,
     ) -> DecodedCache:
-        """Decode and resize ``paths`` in threads. ``disk`` writes ``<kind><S>-<list_id>-<key>.npy`` (:func:`cache_key`)
-        under ``cache_dir`` (default ``decoded/`` of the user cache) or reuses it; a build deletes the other caches of
-        its file list and dead builds' temp files. An unreadable file raises :class:`ImageReadError` naming it."""
+        """Decode and resize ``paths`` in threads; ``disk`` writes (or reuses) a ``.npy`` under ``cache_dir``."""
         if kind not in ("image", "mask") or storage not in ("memory", "disk"):
             raise ValueError(f"kind must be image or mask ({kind!r}), storage memory or disk ({storage!r})")
         paths, start = [Path(p) for p in paths], time.perf_counter()

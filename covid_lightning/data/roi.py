@@ -1,8 +1,4 @@
-"""Lung region of interest: the classifier sees the lungs, not the whole film (numpy + OpenCV, no model).
-
-An image's predicted lung mask (:mod:`covid_lightning.lungs`) is stored as ``<mask_dir>/<roi_mask_name(path)>``
-(PNG, 0/255, the image's size); :class:`LungRoi` reads it and crops and/or masks the decoded image.
-"""
+"""Lung region of interest: the classifier sees the lungs, not the whole film (numpy + OpenCV, no model)."""
 
 from __future__ import annotations
 
@@ -42,11 +38,9 @@ def _check(mode: str, margin: float) -> None:
 
 
 def apply_roi(image: np.ndarray, mask: np.ndarray, mode: RoiMode = "crop", margin: float = 0.1) -> np.ndarray:
-    """Keep the lungs of ``image`` (HxWx3) given a lung ``mask`` (> 0 = lung, any size, resized nearest).
+    """Keep the lungs of ``image`` (HxWx3) given a lung ``mask``: ``crop``, ``mask`` or ``crop_mask``.
 
-    ``crop``: the lungs' bounding box grown by ``margin`` x its height/width per side, clipped to the image.
-    ``mask``: zero outside the lungs dilated by ``margin`` x the image height/width (elliptical kernel).
-    ``crop_mask``: mask, then crop. A mask under :data:`MIN_LUNG_FRACTION` returns ``image`` itself.
+    A mask under :data:`MIN_LUNG_FRACTION` returns ``image`` itself.
     """
     _check(mode, margin)
     h, w = image.shape[:2]
@@ -67,10 +61,7 @@ def apply_roi(image: np.ndarray, mask: np.ndarray, mode: RoiMode = "crop", margi
 
 
 class LungRoi:
-    """``(image, image_path) -> image`` with the lung ROI applied, reading ``mask_dir / roi_mask_name(path)``.
-
-    Picklable (DataLoader workers); ``applied`` and ``fallbacks`` count images with and without a usable mask.
-    """
+    """``(image, image_path) -> image`` with the lung ROI applied, reading ``mask_dir / roi_mask_name(path)``."""
 
     def __init__(self, mask_dir: str | Path, mode: RoiMode = "crop", margin: float = 0.1) -> None:
         _check(mode, margin)

@@ -1,5 +1,4 @@
-"""Data sources -> records: the Kaggle layout (:func:`scan_dataset`) or a manifest (:func:`scan_manifest`), both
-through :func:`read_records`; and the inputs of ``predict`` (:func:`list_predict_images`)."""
+"""Data sources -> records: the Kaggle layout or a manifest; and the inputs of ``predict``."""
 
 from __future__ import annotations
 
@@ -96,9 +95,7 @@ def class_image_dir(class_dir: Path) -> Path:
 
 
 def scan_dataset(root: str | Path, *, with_masks: bool | None = False) -> list[Record]:
-    """Every image of the Kaggle layout, in class order, then by name. ``with_masks``: False leaves masks out;
-    True pairs each image with ``<Class>/masks/<same name>``, skipping (counted, logged) images without one; None
-    pairs where a mask exists (check-data). Unreadable files are listed: the screening names them."""
+    """Every image of the Kaggle layout, in class order, then by name, paired with masks as ``with_masks`` says."""
     base = find_dataset_root(root)
     records = [
         Record(path, label, mask if with_masks is not False and is_image_file(mask) else None, name)
@@ -150,9 +147,7 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]], str]:
 
 
 def scan_manifest(manifest: str | Path, *, with_masks: bool | None = False) -> Source:
-    """The records a manifest lists, paths relative to its folder. ``with_masks``: False for classification (labels
-    required), True for segmentation (rows without a ``mask_path`` skipped, counted, logged), None as it is. A
-    malformed manifest raises :class:`DatasetError` naming the file, the line and the fix."""
+    """The records a manifest lists, paths relative to its folder; a malformed manifest raises :class:`DatasetError`."""
     path = Path(manifest).expanduser()
     how = "Columns: path, label (classification), mask_path (segmentation), optional split (train/val/test), group."
     if not path.is_file() or path.suffix.lower() not in MANIFEST_SUFFIXES:
@@ -210,8 +205,7 @@ def manifest_class_names(manifest: str | Path) -> tuple[str, ...]:
 
 
 def read_records(source: str | Path, *, with_masks: bool | None = False) -> Source:
-    """The one way from a data source to records: a manifest (a ``.csv``/``.parquet`` file) or the Kaggle layout
-    under a folder."""
+    """The one way from a data source to records: a manifest (``.csv``/``.parquet``) or the Kaggle layout."""
     if Path(source).suffix.lower() in MANIFEST_SUFFIXES and Path(source).expanduser().is_file():
         return scan_manifest(source, with_masks=with_masks)
     base = find_dataset_root(source)
@@ -219,9 +213,7 @@ def read_records(source: str | Path, *, with_masks: bool | None = False) -> Sour
 
 
 def list_predict_images(root: str | Path) -> list[Path]:
-    """The inputs of ``predict``: ``root`` when it is one image file, else every image under it, recursively,
-    without the files of a ``masks`` folder next to an ``images`` folder (a dataset's lung masks: skipped, counted,
-    logged once). Raises :class:`DatasetError` when nothing can be listed."""
+    """The inputs of ``predict``: ``root`` itself, or every image under it except a dataset's lung masks."""
     root = Path(root).expanduser()
     fix = "point data.predict_root at an image file or at a folder of images."
     if root.is_file():

@@ -28,9 +28,7 @@ def stratified_split(
 ) -> list[str]:
     """``train``/``val``/``test`` per item, class by class, each group (default: each item) in one split.
 
-    Per class the groups are shuffled (seeded) and each goes to val while val has room for it
-    (``round(n * val_fraction)`` items), then to test likewise, else to train. A group is filed under the
-    class of its first item.
+    Per class the shuffled groups fill val, then test, then train; a group goes under its first item's class.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
@@ -58,8 +56,7 @@ def stratified_split(
 
 
 def merge_groups(duplicates: Sequence[int], patients: Sequence[str | None]) -> list[int]:
-    """One group id per item: same duplicate group or same patient (None: none) = same group, transitively.
-    Ids are 0, 1, ... in order of first appearance."""
+    """One group id per item (0, 1, ...): same duplicate group or same patient = same group, transitively."""
     parent = list(range(len(duplicates)))
 
     def find(i: int) -> int:
@@ -103,12 +100,8 @@ def select_records(
     on_bad_file: str = "error",
     duplicates: str = "near",
 ) -> Selection:
-    """The one way from a data source (a Kaggle-layout folder or a manifest file) to split records, shared by the
-    DataModules and ``optimize``: read, screen (bad files, duplicate groups), then split: a split file as it is,
-    the manifest's split column as it is, or a seeded stratified split keeping duplicates and patients together.
-
-    ``masks``: True pairs images with masks (unpaired skipped), False images only, None masks when every image
-    has one.
+    """The one way from a data source to split records, shared by the DataModules and ``optimize``: read, screen,
+    then split (a split file, the manifest's split column, or a stratified split keeping duplicates together).
     """
     source = read_records(root, with_masks=None if split_file else masks)  # type: ignore[arg-type]
     records, splits = source.records, source.splits
@@ -170,8 +163,7 @@ def write_manifest(
 
 
 def read_manifest(path: str | Path, root: Path, class_names: Sequence[str] = CLASSES) -> tuple[list[Record], list[str]]:
-    """Read a :func:`write_manifest` file: paths resolved against ``root``, labels checked against
-    ``class_names`` (the data source's); its ``group`` column becomes the records' groups."""
+    """Read a :func:`write_manifest` file: paths resolved against ``root``, labels checked against ``class_names``."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"Split manifest {path} does not exist.")

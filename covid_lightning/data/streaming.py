@@ -1,15 +1,7 @@
-"""LitData streaming: write the records of a data source once as LitData chunks, stream them back as the sample
-dicts of the file path (same split, same decoding, same pixels).
+"""LitData streaming: write a data source's records once as LitData chunks, stream them back as sample dicts.
 
-``covid-lightning optimize ROOT OUT`` selects the records as the DataModules do
-(:func:`~covid_lightning.data.split.select_records`) and writes ``OUT/<split>/`` (LitData), ``OUT/manifest.csv``
-(the split, in the format of ``data.split_file``) and ``OUT/meta.json``. ``OUT`` is a folder or an object-store URL.
-An item holds the image file's bytes (or, with ``image_size``, a lossless PNG resized once as the pipelines
-resize), the mask's bytes (``b""`` without masks), ``label``, ``path`` (relative, UTF-8 bytes: LitData would
-store a ``str`` naming an existing file as that file) and the duplicate ``group``. Encoded bytes keep chunks
-small and are decoded by the file path's own decoder. Items are written in scan order whatever the number of
-workers. On several nodes (``DATA_OPTIMIZER_NUM_NODES``/``DATA_OPTIMIZER_NODE_RANK``), run the same command on
-each with a new, empty ``OUT``; the last node merges the index (on a shared file system, start it last).
+Items hold the encoded image (and mask) bytes, ``label``, ``path`` (as bytes: LitData would treat a ``str`` naming
+a file as that file) and the duplicate ``group``. On several nodes, run the same command on each with a new ``OUT``.
 """
 
 from __future__ import annotations
@@ -154,9 +146,7 @@ def optimize(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> int:
-    """Write a COVID-19 Radiography Database folder (or the files a manifest lists) as LitData chunks, one dataset
-    per split (OUT/train, OUT/val[, OUT/test]) with OUT/manifest.csv and OUT/meta.json (its counts per split);
-    train on it with ``--data.streaming OUT``.
+    """Write a dataset (or a manifest's files) as LitData chunks per split; train on it with --data.streaming OUT.
 
     Args:
         root: the dataset folder, a folder containing COVID-19_Radiography_Dataset/, or a manifest .csv/.parquet.
@@ -259,10 +249,7 @@ def decode_mask(data: bytes | memoryview, name: str = "mask") -> np.ndarray:
 class StreamingXRayDataset(StreamingDataset):
     """``<url>/<split>`` streamed by LitData as the sample dicts of :class:`~covid_lightning.data.datasets.XRayDataset`.
 
-    ``path`` is relative to the dataset root, or under ``path_root``. Each rank and DataLoader worker reads its
-    own chunks (build it in ``setup``: LitData reads the distributed environment then). With ``augment_seed`` the
-    transform is reseeded per sample from (seed, epoch, index) as on files; ``kwargs`` go to ``StreamingDataset``
-    (``shuffle``, ``seed``, ``drop_last``, ``max_cache_size``, ``cache_dir``, ``storage_options``).
+    Build it in ``setup`` (LitData reads the distributed environment then); ``kwargs`` go to ``StreamingDataset``.
     """
 
     def __init__(
@@ -312,8 +299,7 @@ def streaming_datasets(
     seed: int,
     **kwargs: Any,
 ) -> dict[str, StreamingXRayDataset]:
-    """One :class:`StreamingXRayDataset` per split in ``transforms`` that has items: ``train`` shuffled and
-    augmented per sample from ``seed``; ``val``/``test`` in stored order, every item on every rank count."""
+    """One :class:`StreamingXRayDataset` per split in ``transforms`` that has items (``train`` shuffled)."""
     meta = read_meta(url, kwargs.get("storage_options"))
     if masks and not meta["masks"]:
         raise DatasetError(

@@ -1,5 +1,4 @@
-"""One decode for every input, files or bytes, PNG, JPEG or DICOM (training, predict, ``classify()``/``segment()``,
-the server), and the albumentations pipelines: resize and augment only (scaling and normalisation live in the model)."""
+"""One decode for every input (PNG, JPEG or DICOM), and the albumentations pipelines: resize and augment only."""
 
 from __future__ import annotations
 
@@ -71,8 +70,7 @@ def dicom_size(source: Source) -> tuple[int, int]:
 
 
 def output_range(ds: Any) -> tuple[float, float]:
-    """The values the VOI stage can output: the VOI LUT's bit depth when there is one (pydicom prefers it), else
-    the stored bit depth through the modality LUT (what windowing and no VOI at all both output)."""
+    """The values the VOI stage can output: the VOI LUT's bit depth, else the stored bit depth."""
     voi = ds.get("VOILUTSequence")
     if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
         return 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
@@ -94,8 +92,7 @@ def scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def read_dicom(source: Source) -> tuple[np.ndarray, str]:
-    """One single-frame DICOM radiograph (path or bytes) -> HxWx3 uint8 RGB and its kind for reports (e.g.
-    ``MONOCHROME1 12-bit``)."""
+    """One single-frame DICOM radiograph (path or bytes) -> HxWx3 uint8 RGB and its kind for reports."""
     ds = _read(source, pixels=True)
     photometric, frames = str(ds.get("PhotometricInterpretation", "")), int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -134,8 +131,7 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def _from_cv2(source: Source, gray: bool) -> np.ndarray | None:
-    """A PNG through OpenCV (faster, pixel-identical to PIL): HxWx3 RGB, or with ``gray`` HxW when its channels
-    are equal. None where PIL must decode: not a PNG (OpenCV reads CMYK JPEGs otherwise), not 8 bits, colour."""
+    """A PNG through OpenCV (faster, pixel-identical to PIL); None where PIL must decode."""
     if isinstance(source, (bytes, memoryview)):
         png = bytes(source[:8]) == b"\x89PNG\r\n\x1a\n"
         arr = cv2.imdecode(np.frombuffer(source, dtype=np.uint8), _CV2_FLAGS) if png else None
@@ -168,8 +164,7 @@ def _decode(source: Source, gray: bool = False) -> np.ndarray:
 
 
 def decode_rgb(source: Source) -> np.ndarray:
-    """A PNG/JPEG/DICOM/... file or its bytes -> HxWx3 uint8 RGB (PNG through OpenCV, DICOM through pydicom, the
-    rest through PIL); unreadable data raises ``OSError``."""
+    """A PNG/JPEG/DICOM/... file or its bytes -> HxWx3 uint8 RGB; unreadable data raises ``OSError``."""
     return _decode(source)
 
 
@@ -197,9 +192,7 @@ def _named(decode: Callable[[Source], np.ndarray], path: str | Path, kind: str) 
 
 
 def build_transform(image_size: int, *, train: bool = False, augment: str = "none") -> A.Compose:
-    """Resize (image bilinear, mask nearest; each on its own, so 299 px images and 256 px masks line up), augment
-    when training, to a uint8 CHW tensor. Augmentation is X-ray-safe: small affine, brightness/contrast/gamma, no
-    flips (the heart is on the patient's left)."""
+    """Resize, augment when training (X-ray-safe: no flips), to a uint8 CHW tensor."""
     if augment not in ("none", *AUGMENT_LIMITS):
         raise ValueError(f"Unknown augment {augment!r}; choose none, light or strong.")
     steps: list[A.BasicTransform] = [

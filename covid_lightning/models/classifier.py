@@ -59,8 +59,7 @@ def count_parameters(module: nn.Module) -> ParamCount:
 
 
 class XRayNet(nn.Module):
-    """Normalize -> timm backbone (global average pooled) -> the lab's dense head; the options are
-    ``XRayClassifier``'s. Pretrained Keras-flavor weights are Keras Applications' ``.h5`` (torch hub cache)."""
+    """Normalize -> timm backbone (global average pooled) -> the lab's dense head; options as ``XRayClassifier``."""
 
     def __init__(
         self,
@@ -156,8 +155,7 @@ class XRayNet(nn.Module):
 
     @torch.no_grad()
     def forward_prefix(self, x: torch.Tensor, regime: str | None = None) -> torch.Tensor:
-        """The frozen part of ``regime`` (run in eval mode): pooled features for ``head``, else the input of
-        the first trainable layer (Keras ``Conv_1``, ``block_16_project`` or ``block_13``)."""
+        """The frozen part of ``regime`` (eval mode): pooled features, or the input of the first trainable layer."""
         regime = regime or self.trainable
         if not self.can_split(regime):
             raise ValueError(f"No frozen prefix for regime {regime!r} on {type(self.backbone).__name__}.")

@@ -16,8 +16,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 
 class Normalize(nn.Module):
-    """``uint8`` images (0..255) or floats in [0, 1] -> ``(x / 255 - mean) / std`` by :data:`NORMALIZATIONS` name
-    (``imagenet`` may bring the backbone's own mean and std)."""
+    """``uint8`` images (0..255) or floats in [0, 1] -> ``(x / 255 - mean) / std`` by :data:`NORMALIZATIONS` name."""
 
     def __init__(self, name: str, imagenet: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         super().__init__()

@@ -36,11 +36,7 @@ def _double_conv(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Se
 
 
 class SeedUNet(nn.Module):
-    """The lab's two-level Keras U-Net, layer for layer (466,529 parameters at the defaults); H, W divisible by 4.
-
-    Skips are concatenated after the upsampled tensor and kernels are glorot-uniform with zero biases, as in
-    Keras, so the lab's weights and training curves carry over. ``batch_norm=True`` is a variant.
-    """
+    """The lab's two-level Keras U-Net, layer for layer (466,529 parameters at the defaults); H, W divisible by 4."""
 
     input_divisor: int = 4
 
@@ -110,12 +106,7 @@ def build_segmentation_model(
     read_timeout: float = NETWORK_TIMEOUT,
     **kwargs: Any,
 ) -> nn.Module:
-    """A network returning logits ``(N, classes, H, W)``: ``seed_unet`` or an smp ``arch`` with ``encoder``.
-
-    ``encoder_weights`` (``imagenet``; for ``tu-<timm model>[.<tag>]`` encoders the tag's) come through smp or
-    timm, failing fast offline; ``encoder_weights_file`` is a state dict of the encoder (or of a model or timm
-    backbone holding it). ``kwargs`` go to ``SeedUNet`` or ``smp.create_model``.
-    """
+    """A network returning logits ``(N, classes, H, W)``: ``seed_unet`` or an smp ``arch`` with ``encoder``."""
     by_norm = {_norm(name): name for name in SEGMENTATION_ARCHS}
     if _norm(arch) not in by_norm:
         close = difflib.get_close_matches(str(arch), SEGMENTATION_ARCHS, n=3, cutoff=0.5)

@@ -1,5 +1,4 @@
-"""Pretrained weights into timm models and smp encoders, never silently falling back to random weights: local
-files through one filter (:func:`fit_state_dict`), hub weights through timm and smp once :func:`hub_weights` agrees."""
+"""Pretrained weights into timm models and smp encoders, never silently falling back to random weights."""
 
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ class PretrainedWeightsError(UserError, RuntimeError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """A state dict from a weights file (timm's reader: wrappers and DDP prefixes removed), or for a
-    Keras ``.h5`` its arrays in load order, keyed by their HDF5 path."""
+    """A state dict from a weights file, or for a Keras ``.h5`` its arrays in load order, keyed by HDF5 path."""
     path = Path(path)
     if not path.is_file():
         raise PretrainedWeightsError(f"Weights file {path} does not exist.")
@@ -68,9 +66,7 @@ def _head_prefixes(module: nn.Module) -> tuple[str, ...]:
 def fit_state_dict(state_dict: dict[str, Any], module: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
     """``state_dict`` as a complete state dict of ``module``, or a :class:`PretrainedWeightsError` naming the misfits.
 
-    Keeps the sub-dict under the wrapper prefix (``model.``, ``backbone.``, ``encoder.``, ...) that matches
-    most keys; extra keys are ignored; a classifier head, ``num_batches_tracked`` and keys it lacks or whose
-    shape differs keep the module's values; a 3-channel first conv is adapted to the module's input channels.
+    Keeps the best-matching wrapper prefix; a classifier head and mismatched keys keep the module's values.
     """
     target = module.state_dict()
     prefixes = {".".join(k.split(".")[:n]) + "." for k in state_dict for n in (1, 2) if k.count(".") >= n}
@@ -148,8 +144,7 @@ def _read_keras_h5(path: Path) -> dict[str, np.ndarray]:
 
 
 def keras_to_timm(arrays: dict[str, np.ndarray], model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
-    """The converter: Keras arrays paired in order with ``model``'s backbone keys (as Keras loads ``.h5``),
-    each checked for role and shape and transposed to PyTorch's layout."""
+    """Keras arrays paired in order with ``model``'s backbone keys, checked and transposed to PyTorch's layout."""
     target = model.state_dict()
     heads = _head_prefixes(model)
     keys = [k for k in target if not k.startswith(heads) and not k.endswith("num_batches_tracked")]
@@ -189,8 +184,7 @@ def is_keras_weights_file(path: str | Path) -> bool:
 def fetch_keras_weights(
     backbone: str, hub_timeout: float = PROBE_TIMEOUT, read_timeout: float = NETWORK_TIMEOUT
 ) -> Path:
-    """Keras Applications' no-top ImageNet ``.h5`` of the MobileNetV2 ``backbone``, from torch hub's cache or
-    downloaded there."""
+    """Keras Applications' no-top ImageNet ``.h5`` of the MobileNetV2 ``backbone``, from torch hub's cache."""
     arch = backbone.split(".")[0]
     if arch not in KERAS_BACKBONES:
         msg = f"Keras ImageNet weights exist only for {', '.join(KERAS_BACKBONES)}, not {backbone!r}: use flavor timm."
@@ -226,8 +220,7 @@ def host_reachable(url: str, timeout: float) -> tuple[bool, str]:
 
 
 def download_url(url: str, dest: str | Path, timeout: float = NETWORK_TIMEOUT) -> Path:
-    """Download ``url`` to ``dest`` with ``timeout`` for the connection and each wait for bytes (urllib and
-    torch hub have none); a silent peer raises :class:`TimeoutError` and no partial file is left."""
+    """Download ``url`` to ``dest`` with ``timeout`` for the connection and each read; no partial file is left."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -270,8 +263,7 @@ def hf_cached(repo_id: str, filename: str, revision: str | None = None) -> Path 
 
 
 def hf_hub_timeouts(timeout: float = NETWORK_TIMEOUT) -> contextlib.AbstractContextManager:
-    """huggingface_hub's metadata and download timeouts set to ``timeout`` s for a ``with`` block (its constants,
-    read from ``HF_HUB_ETAG_TIMEOUT``/``HF_HUB_DOWNLOAD_TIMEOUT`` at import); a variable the user set wins."""
+    """huggingface_hub's timeouts set to ``timeout`` s for a ``with`` block; a variable the user set wins."""
     values = {n: timeout for n in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT") if n not in os.environ}
     return mock.patch.multiple(constants, **values) if values else contextlib.nullcontext()
 
@@ -288,11 +280,9 @@ def hub_weights(
     hub_timeout: float = PROBE_TIMEOUT,
     read_timeout: float = NETWORK_TIMEOUT,
 ) -> Path | None:
-    """The cached file of hub weights (``repo``'s last of ``files``, ``url``'s, or timm model ``timm_name``'s),
-    a URL's file downloaded now with ``read_timeout``, or None when the library may download them from the hub.
+    """The cached file of hub weights, a URL's file downloaded now, or None when the library may download them.
 
-    Fails fast with ``how`` when HF_HUB_OFFLINE is set, the host takes no connection, or it takes one but does
-    not answer one metadata request (huggingface_hub retries timeouts for minutes).
+    Fails fast with ``how`` when offline or the hub does not answer (huggingface_hub retries for minutes).
     """
     if timm_name:
         cfg = timm.models.get_pretrained_cfg(timm_name)
@@ -356,8 +346,7 @@ def create_timm_model(
 ) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` with weights from ``pretrained_file`` or (``pretrained``) the hub.
 
-    Raises :class:`PretrainedWeightsError`, saying how to supply a local file, rather than return random
-    weights; ``hub_timeout`` bounds the connection probe, ``read_timeout`` each wait for the hub's bytes.
+    Raises :class:`PretrainedWeightsError` rather than return random weights.
     """
     check_timm_name(name)
     if pretrained_file is not None:

@@ -19,7 +19,6 @@ from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
-STAGES = ("train", "val", "test")
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 #: checkpoint key naming the model class that wrote it (``covid_lightning.inference.load_checkpoint``)
 MODEL_CLASS_KEY = "covid_lightning_model"
@@ -36,8 +35,7 @@ def as_xray_module(model: Any, action: str = "use") -> XRayModule:
 
 
 def model_class(class_path: str | None) -> type[XRayModule] | None:
-    """The :class:`XRayModule` subclass ``class_path`` names, if it lives in this package; None otherwise.
-    Nothing outside ``covid_lightning`` is imported: a checkpoint must not make us import arbitrary modules."""
+    """The :class:`XRayModule` subclass ``class_path`` names, imported only from this package; None otherwise."""
     module_name, _, name = str(class_path or "").rpartition(".")
     if module_name.split(".")[0] != "covid_lightning":
         return None
@@ -54,8 +52,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
-    """Adam with lr 1e-3, the Keras default the lab used; ``fused`` (one kernel per step, CPU and CUDA:
-    much faster than the per-tensor loop on CPU; README, Performance)."""
+    """Adam with lr 1e-3, the Keras default the lab used; ``fused``: much faster than the per-tensor loop on CPU."""
     return torch.optim.Adam(params, lr=1e-3, fused=True)
 
 
@@ -63,8 +60,6 @@ class XRayModule(L.LightningModule):
     """Base of :class:`~covid_lightning.XRayClassifier` and :class:`~covid_lightning.LungSegmenter`.
 
     Subclasses build ``self.net``, call :meth:`_init_metrics` and implement ``shared_step``.
-    The optimizer and LR scheduler are injected (``OptimizerCallable``/``LRSchedulerCallable``), so a
-    config picks any ``torch.optim`` class with ``class_path``/``init_args``.
     """
 
     #: what the model does: "classification" or "segmentation" (the one answer to "which kind is this?")
@@ -98,7 +93,6 @@ class XRayModule(L.LightningModule):
         self.memory_format = MEMORY_FORMATS["channels_last" if self.auto_memory_format else memory_format]
         self.compile_model = compile_model
 
-    # what the model is and what users get from it ---------------------------------------------
     @property
     def kind(self) -> str:
         """``classifier`` or ``segmenter``: the model's task as the export contract and the server name it."""
@@ -116,7 +110,6 @@ class XRayModule(L.LightningModule):
         """Probabilities of a batch -> what a user gets for each image, at the image's own ``sizes`` (H, W)."""
         raise NotImplementedError
 
-    # speed -----------------------------------------------------------------------------------
     def _finish_net(self) -> None:
         """Lay the network out in the chosen memory format (subclasses call it once ``self.net`` exists)."""
         self.net.to(memory_format=self.memory_format)
@@ -130,8 +123,7 @@ class XRayModule(L.LightningModule):
             self.pick_memory_format()
 
     def pick_memory_format(self, steps: int = 2) -> dict[str, float]:
-        """Time ``steps`` training steps of each layout (:meth:`time_layout`) and keep the faster, like cuDNN's
-        benchmark mode: which layout wins depends on the CPU/GPU kind. Returns ms per step by layout."""
+        """Time ``steps`` training steps of each layout and keep the faster; returns ms per step by layout."""
         timings = {name: self.time_layout(layout, steps) for name, layout in MEMORY_FORMATS.items()}
         best = min(timings, key=timings.__getitem__)
         self.memory_format = MEMORY_FORMATS[best]
@@ -142,8 +134,7 @@ class XRayModule(L.LightningModule):
         return timings
 
     def time_layout(self, layout: torch.memory_format, steps: int = 2) -> float:
-        """Best ms of ``steps`` forward + backward passes (after one warm-up) of a copy of the network in
-        ``layout``, on a batch of the run's shape and precision; the run's own weights are not touched."""
+        """Best ms of ``steps`` forward + backward passes of a copy of the network in ``layout`` (weights untouched)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         batch = int(getattr(getattr(datamodule, "hparams", None), "batch_size", 8) or 8)
         size = int(self.hparams.get("image_size", 128))
@@ -166,12 +157,10 @@ class XRayModule(L.LightningModule):
         return min(times)
 
     def configure_model(self) -> None:
-        """``compile_model: true`` compiles the network in place (``nn.Module.compile``; state-dict keys
-        unchanged). Worth it for long GPU runs; the compile itself takes a while."""
+        """``compile_model: true`` compiles the network in place (state-dict keys unchanged)."""
         if self.compile_model and not getattr(self.net, "_compiled_call_impl", None):
             self.net.compile()
 
-    # metrics -------------------------------------------------------------------------------
     def _init_metrics(self, metrics: MetricCollection) -> None:
         """One clone of ``metrics`` per stage, prefixed ``train/``, ``val/``, ``test/``."""
         self.train_metrics = metrics.clone(prefix="train/")
@@ -197,13 +186,8 @@ class XRayModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
 
-    # steps ---------------------------------------------------------------------------------
     def shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
-        """Loss, metric updates and logging for one batch of ``stage``.
-
-        Returns ``{"loss", "probs", "target"}`` (probabilities detached): callbacks such as the
-        evaluation reports receive it as ``outputs`` of the batch-end hooks.
-        """
+        """Loss, metric updates and logging for one batch; returns ``{"loss", "probs", "target"}`` for callbacks."""
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -234,7 +218,6 @@ class XRayModule(L.LightningModule):
             sync_dist=stage != "train",
         )
 
-    # optimisation --------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer; a group's ``lr_factor`` scales the optimizer's lr for it."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
@@ -253,7 +236,6 @@ class XRayModule(L.LightningModule):
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
 
-    # checkpoints ---------------------------------------------------------------------------
     @classmethod
     def load_from_checkpoint(
         cls,
@@ -264,11 +246,7 @@ class XRayModule(L.LightningModule):
         weights_only: bool | None = True,
         **kwargs: Any,
     ) -> Self:
-        """Lightning's ``load_from_checkpoint`` with weights-only unpickling by default and clear errors.
-
-        A checkpoint of the other model kind, or one whose network does not fit the requested
-        hyper-parameters (backbone, class count, architecture), fails with a message naming both sides.
-        """
+        """Lightning's ``load_from_checkpoint`` with weights-only unpickling by default and errors naming both sides."""
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only is not False)
         stored = checkpoint.get(MODEL_CLASS_KEY) or checkpoint.get("hyper_parameters", {}).get("_class_path")
         wanted = f"{cls.__module__}.{cls.__qualname__}"

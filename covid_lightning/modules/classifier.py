@@ -45,32 +45,23 @@ class XRayClassifier(XRayModule):
 
     Args:
         backbone: timm model name (default ``mobilenetv2_050``, Keras MobileNetV2 alpha=0.5).
-        num_classes: number of classes; ``class_names`` must have this length. None: as many as ``class_names``
-            (4 without them). The CLI sets both from the data (``data.class_names``).
-        class_names: class names in label order (stored in the checkpoint; default the Kaggle four, or ``"0"``,
-            ``"1"``, ... beyond four).
+        num_classes: number of classes; None: as many as ``class_names`` (the CLI links both from the data).
+        class_names: class names in label order (stored in the checkpoint; default the Kaggle four).
         pretrained: ImageNet weights through timm (HF hub + cache); fails fast offline.
         pretrained_file: local backbone weights (``.safetensors``, ``.pth`` or the Keras ``.h5``).
-        flavor: ``keras`` = Keras-equivalent backbone (same padding, BN eps 1e-3) for Keras weights;
-            ``auto`` picks ``keras`` for an ``.h5`` file, ``timm`` otherwise.
+        flavor: ``keras`` = Keras-equivalent backbone for Keras weights; ``auto``: ``keras`` for ``.h5`` files.
         normalization: ``auto`` follows the weights; ``unit`` is the lab's /255 on purpose.
         image_size: square input size (linked from ``data.image_size`` by the CLI; stored for inference).
         hidden_sizes: widths of the head's hidden Dense layers.
         dropout: dropout after each hidden Dense layer.
-        trainable: ``head``, ``last_conv``, ``last_2_conv`` (the lab's regimes), ``last_4_blocks`` or ``all``. Frozen
-            layers keep BatchNorm in inference mode for the whole run.
-        class_weights: per-class loss weights; the CLI links them from ``data.class_weights`` (e.g. ``balanced``).
+        trainable: ``head``, ``last_conv``, ``last_2_conv``, ``last_4_blocks`` or ``all`` (frozen BN stays in eval).
+        class_weights: per-class loss weights; the CLI links them from ``data.class_weights``.
         label_smoothing: cross-entropy label smoothing.
-        calibrate: temperature scaling (Guo et al., 2017): at each validation epoch of a fit, the temperature ``T``
-            that minimises the validation NLL is fitted and stored in the checkpoint; every probability this model
-            gives (reports, predictions CSV, server, export) is ``softmax(logits / T)``. Argmax, accuracy and AUROC
-            do not change.
-        backbone_lr_factor: the trainable backbone layers get ``lr * backbone_lr_factor`` (the head the
-            optimizer's ``lr``): gentle fine-tuning of pretrained layers.
+        calibrate: fit a softmax temperature on the validation NLL each epoch (Guo et al., 2017); argmax unchanged.
+        backbone_lr_factor: the trainable backbone layers get ``lr * backbone_lr_factor``.
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
         lr_scheduler: optional LR scheduler factory; ``scheduler_interval`` is ``epoch`` or ``step``.
-        memory_format: ``channels_last`` (default, faster convolutions), ``contiguous``, or ``auto``
-            (both timed on a few training steps at fit start, the faster kept and logged).
+        memory_format: ``channels_last`` (default), ``contiguous``, or ``auto`` (both timed at fit start).
         compile_model: ``torch.compile`` the network (worth it for long GPU runs).
     """
 

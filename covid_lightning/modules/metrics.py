@@ -12,12 +12,7 @@ from torchmetrics import Metric
 
 
 class PairAccuracy(Metric):
-    """Accuracy of a two-class decision inside a multiclass model: among samples whose true class is
-    ``a`` or ``b``, the prediction is whichever of the two has the higher probability.
-
-    The COVID-19 Radiography sample mixes classes with different processing histories; COVID vs Normal
-    (same processing) is the clean comparison, so it is reported beside the overall accuracy.
-    """
+    """Accuracy of a two-class decision (``a`` vs ``b``, the more probable of the two) inside a multiclass model."""
 
     full_state_update = False
     higher_is_better = True
@@ -45,9 +40,7 @@ def bootstrap(
     level: float = 0.95,
     seed: int = 0,
 ) -> dict[str, tuple[float, float, float]]:
-    """``{name: (value, low, high)}``: each metric ``statistic(indices)`` returns, on all ``n`` items and as a
-    percentile interval over ``resamples`` seeded resamples of the items with replacement. Metrics undefined in
-    a resample (a class absent from it) are left out of that resample's percentiles."""
+    """``{name: (value, low, high)}``: each metric of ``statistic`` with its seeded percentile bootstrap interval."""
     point = statistic(np.arange(n))
     if n == 0:
         return {k: (v, float("nan"), float("nan")) for k, v in point.items()}
@@ -63,9 +56,7 @@ def bootstrap(
 def classification_scores(
     probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], pair: tuple[int, int] | None = None
 ) -> Callable[[np.ndarray], dict[str, float]]:
-    """A :func:`bootstrap` statistic over images: accuracy, balanced accuracy (mean recall of the classes present),
-    macro F1, per-class recall/F1/AUROC (one-vs-rest, Mann-Whitney) and, with ``pair=(a, b)``, the two-class
-    accuracy of :class:`PairAccuracy`. Undefined values (no image of a class, one class only) are NaN."""
+    """A :func:`bootstrap` statistic over images: headline and per-class scores; undefined values are NaN."""
     p_all, y_all = probs.float().cpu().numpy(), target.long().cpu().numpy()
     k = len(class_names)
 
@@ -100,8 +91,7 @@ def classification_scores(
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 100) -> float:
-    """Temperature scaling (Guo et al., 2017): the ``T`` minimising the negative log-likelihood of
-    ``softmax(logits / T)`` on held-out ``logits``; it leaves every argmax, hence accuracy and AUROC, unchanged."""
+    """Temperature scaling (Guo et al., 2017): the ``T`` minimising the NLL of ``softmax(logits / T)``."""
     logits, target = logits.detach().float().cpu(), target.detach().long().cpu()
     log_t = torch.zeros(1, requires_grad=True)  # T = exp(log_t) > 0
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")

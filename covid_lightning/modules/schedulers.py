@@ -9,11 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 class WarmupCosine(LambdaLR):
-    """Linear warm-up from ``start_factor`` to 1 over ``warmup`` steps, then cosine decay to
-    ``min_factor`` at ``total`` steps (steps = epochs or optimizer steps, per ``scheduler_interval``).
-
-    Applies to the param groups the optimizer has when the scheduler is built.
-    """
+    """Linear warm-up from ``start_factor`` to 1 over ``warmup`` steps, then cosine decay to ``min_factor``."""
 
     def __init__(
         self,

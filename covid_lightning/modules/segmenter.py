@@ -35,15 +35,9 @@ def _per_image_dice() -> DiceScore:
 
 
 class LungSegmenter(XRayModule):
-    """Binary lung segmentation.
+    """Binary lung segmentation; sigmoid, loss and metrics run in float32 on logits (AMP-safe).
 
-    The network returns logits; the sigmoid lives in the loss (``BCEWithLogits``, smp's ``DiceLoss``
-    with ``from_logits``) and in the metrics, all computed in float32, so ``16-mixed``/``bf16-mixed``
-    autocast never runs a sigmoid + BCE in half precision.
-
-    Metrics (torchmetrics, pooled over every pixel of the epoch, as the lab reported them): ``iou``
-    (Jaccard), ``dice`` (= F1), ``precision``, ``recall``, ``accuracy``; plus ``dice_per_image``, the
-    mean of per-image Dice.
+    Metrics are pooled over every pixel of the epoch, as the lab reported them, plus ``dice_per_image``.
 
     Args:
         arch: ``seed_unet`` (the lab's network) or an smp architecture name.
@@ -57,8 +51,7 @@ class LungSegmenter(XRayModule):
         model_kwargs: extra architecture arguments (e.g. ``{batch_norm: true}`` for ``seed_unet``).
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
         lr_scheduler: optional LR scheduler factory.
-        memory_format: ``channels_last`` (default, faster convolutions), ``contiguous``, or ``auto``
-            (both timed on a few training steps at fit start, the faster kept and logged).
+        memory_format: ``channels_last`` (default), ``contiguous``, or ``auto`` (both timed at fit start).
         compile_model: ``torch.compile`` the network (worth it for long GPU runs).
     """
 
