@@ -129,11 +129,12 @@ def model_card(checkpoint: str | Path) -> dict[str, Any]:
     data = load_checkpoint_file(checkpoint).get("datamodule_hyper_parameters") or {}
     keys = ("root", "manifest", "streaming", "split_file", "val_fraction", "test_fraction", "seed", "lung_roi")
     card: dict[str, Any] = {"training_data": {k: data.get(k) for k in keys if data.get(k) not in (None, "")}}
-    run = checkpoint.parent.parent
-    if (run / "split.csv").is_file():
+    # <run>/checkpoints/<file>.ckpt: the run folder holds the split and the evaluation reports
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    if run is not None and (run / "split.csv").is_file():
         with (run / "split.csv").open(newline="", encoding="utf-8") as f:
             card["split_sizes"] = dict(Counter(r["split"] for r in csv.DictReader(f)))
-    for split in ("test", "val"):
+    for split in ("test", "val") if run is not None else ():
         reports = sorted(run.glob(f"**/report_{split}/intervals.csv"), key=lambda p: p.stat().st_mtime)
         if reports:
             with reports[-1].open(newline="", encoding="utf-8") as f:

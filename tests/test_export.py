@@ -57,7 +57,8 @@ def _session(path: Path) -> ort.InferenceSession:
 def _reference(model: torch.nn.Module, kind: str, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         logits = model(images).float()
-    probs = logits.softmax(dim=-1) if kind == "classifier" else logits.sigmoid()
+    # the classifier's probabilities are temperature-scaled (fitted on validation, stored in the checkpoint)
+    probs = (logits / model.temperature).softmax(dim=-1) if kind == "classifier" else logits.sigmoid()
     return logits.numpy(), probs.numpy()
 
 

@@ -113,6 +113,7 @@ def test_export_cli_quantizes(segmenter_ckpt: Path, demo_root: Path, tmp_path: P
     assert main([*argv, "--calibrate", str(demo_root), "--calibration_images", "8", "--check_images", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     stem = segmenter_ckpt.stem
-    assert lines[:4] == [str(tmp_path / f"{stem}{s}") for s in (".onnx", ".onnx.json", ".int8.onnx", ".int8.onnx.json")]
-    assert lines[4].startswith("int8 vs float32 on 4 images not used for calibration: ") and "mask_dice" in lines[4]
+    files = (".onnx", ".onnx.json", ".model_card.md", ".int8.onnx", ".int8.onnx.json")
+    assert lines[:5] == [str(tmp_path / f"{stem}{s}") for s in files]
+    assert lines[5].startswith("int8 vs float32 on 4 images not used for calibration: ") and "mask_dice" in lines[5]
     assert load_contract(tmp_path / f"{stem}.int8.onnx")["quantization"]["calibration_images"] == 8

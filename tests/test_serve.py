@@ -224,10 +224,12 @@ def test_deeply_nested_json_is_a_400_not_a_recursion_error():
 
 def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
     """What /info reports, from the loaded checkpoint (no server needed)."""
-    classifier = model_info(load_checkpoint(classifier_ckpt), classifier_ckpt)
+    model = load_checkpoint(classifier_ckpt)
+    classifier = model_info(model, classifier_ckpt)
     assert classifier == {
         "kind": "classification",
         "class_names": list(CLASSES),
+        "temperature": pytest.approx(float(model.temperature)),
         "image_size": 64,
         "checkpoint": str(classifier_ckpt.resolve()),
         "version": __version__,
