@@ -5,11 +5,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from covid_lightning.constants import CLASSES
-from covid_lightning.data.datamodules import (
-    LungSegmentationDataModule,
-    RadiographyDataModule,
-    XRayDataModule,
-)
+from covid_lightning.data.datamodules import LungSegmentationDataModule, RadiographyDataModule, XRayDataModule
 from covid_lightning.modules.classifier import XRayClassifier
 from covid_lightning.modules.segmenter import LungSegmenter
 

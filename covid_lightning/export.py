@@ -39,11 +39,9 @@ TORCHSCRIPT_CONTRACT = "covid_lightning.json"
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: how the int8 file is made (recorded in its contract)
 QUANTIZATION = {
-    "method": "onnxruntime.quantization.quantize_static",
-    "format": "QDQ",
-    "activations": "uint8, per tensor, MinMax calibration",
-    "weights": "int8, per output channel",
-}
+    "method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+    "activations": "uint8, per tensor, MinMax calibration", "weights": "int8, per output channel",
+}  # fmt: skip
 
 
 class _Exportable(nn.Module):
@@ -213,13 +211,9 @@ def _save_onnx(proto: Any, path: Path, contract: dict[str, Any]) -> Path:
 
 
 def export_onnx(
-    model: nn.Module,
-    path: str | Path,
-    *,
-    opset: int = DEFAULT_OPSET,
-    dynamic_batch: bool = True,
+    model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
     checkpoint: str | Path | None = None,
-) -> Path:
+) -> Path:  # fmt: skip
     """Write ``model`` as ONNX with its contract; ``dynamic_batch=False`` fixes the batch to 1."""
     import onnx
 
@@ -303,15 +297,8 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="covid_lightning_int8_") as tmp:
         prepared = str(Path(tmp) / "prepared.onnx")
         quant_pre_process(str(onnx_path), prepared)  # shape inference + graph clean-up, as ONNX Runtime advises
-        quantize_static(
-            prepared,
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=per_channel,
-        )
+        quantize_static(prepared, str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=per_channel)  # fmt: skip
     images = sum(len(b) for b in batches)
     quantization = QUANTIZATION | {"per_channel": per_channel, "calibration_images": images}
     return _save_onnx(onnx.load(str(out)), out, contract | {"file": out.name, "quantization": quantization})

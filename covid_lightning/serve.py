@@ -181,10 +181,6 @@ class XRayAPI(ls.LitAPI):
         return {"kind": "segmenter", "mask_png": png, "lung_fraction": float(output.mean()), **size}
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def serve(
     ckpt: Path,
     host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
@@ -232,7 +228,7 @@ def serve(
     )
     server.app.state.covid_lightning = HttpConfig(image_size, max_bytes)
     # SIGTERM (docker stop) shuts down like Ctrl+C; forked children (uvicorn) get the default handler back
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     try:
         server.run(host=host, port=port, num_api_servers=api_servers, log_level=log_level, generate_client_file=False)

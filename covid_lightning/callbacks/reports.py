@@ -37,13 +37,9 @@ log = logging.getLogger(__name__)
 
 #: segmentation metrics in report order: key -> display name
 SEGMENTATION_NAMES: dict[str, str] = {
-    "iou": "IoU (Jaccard)",
-    "dice": "Dice (F1)",
-    "precision": "precision",
-    "recall": "recall",
-    "accuracy": "pixel accuracy",
-    "dice_per_image": "mean per-image Dice",
-}
+    "iou": "IoU (Jaccard)", "dice": "Dice (F1)", "precision": "precision", "recall": "recall",
+    "accuracy": "pixel accuracy", "dice_per_image": "mean per-image Dice",
+}  # fmt: skip
 
 
 # tables ----------------------------------------------------------------------------------------------------
@@ -163,14 +159,11 @@ def reliability(probs: torch.Tensor, target: torch.Tensor, bins: int = 15) -> tu
     ece = float(multiclass_calibration_error(probs, target, probs.shape[1], n_bins=bins))
     confidence, correct = probs.max(1).values.numpy(), (probs.argmax(1) == target).numpy()
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    table = np.array(
-        [
-            [confidence[which == b].mean(), correct[which == b].mean(), (which == b).sum()]
-            if (which == b).any()
-            else [np.nan, np.nan, 0]
-            for b in range(bins)
-        ]
-    )
+    table = np.array([
+        [confidence[which == b].mean(), correct[which == b].mean(), (which == b).sum()] if (which == b).any()
+        else [np.nan, np.nan, 0]
+        for b in range(bins)
+    ])  # fmt: skip
     return ece, table
 
 
@@ -182,14 +175,9 @@ def _save(fig: Figure, path: Path, title: str) -> Path:
 
 
 def write_classification_report(
-    probs: torch.Tensor,
-    target: torch.Tensor,
-    class_names: Sequence[str],
-    out: Path,
-    title: str,
-    note: str = "",
+    probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], out: Path, title: str, note: str = "",
     temperature: float = 1.0,
-) -> list[dict[str, Any]]:
+) -> list[dict[str, Any]]:  # fmt: skip
     """The classification tables and figures into ``out``; returns the table rows."""
     names, n = list(class_names), len(class_names)
     rows = classification_table(probs, target, names)
@@ -251,6 +239,34 @@ def write_classification_report(
     return rows
 
 
+def external_summary(
+    probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], source: str
+) -> list[dict[str, Any]]:
+    """An external set's accuracy, balanced accuracy (classes present) and, deciding COVID vs Normal by the larger
+    of the two probabilities (``PairAccuracy``), sensitivity, specificity and their mean; each with its 95% interval."""
+    p_all, y_all = torch.as_tensor(probs).float().cpu().numpy(), torch.as_tensor(target).long().cpu().numpy()
+    names = [str(c) for c in class_names]
+    pair = [names.index("COVID"), names.index("Normal")] if {"COVID", "Normal"} <= set(names) else []
+    keys = ["sensitivity (COVID)", "specificity (Normal)", "balanced COVID vs Normal accuracy"][: 3 * bool(pair)]
+
+    def scores(idx: np.ndarray) -> dict[str, float]:
+        p, y = p_all[idx], y_all[idx]
+        out = {"accuracy": np.mean(p.argmax(1) == y)}
+        out["balanced accuracy"] = np.mean([np.mean(p[y == c].argmax(1) == c) for c in np.unique(y)])
+        if pair:
+            choice = np.where(p[:, pair[0]] >= p[:, pair[1]], *pair)
+            recall = [np.mean(choice[y == c] == c) if (y == c).any() else np.nan for c in pair]
+            out |= dict(zip(keys, [*recall, np.mean(recall)]))
+        return {k: float(v) for k, v in out.items()}
+
+    counts = np.bincount(y_all, minlength=len(names))
+    n = dict(zip(keys, [*counts[pair], counts[pair].sum()])) if pair else {}
+    return [
+        {"source": source, "metric": k, "value": v, "95% CI low": lo, "95% CI high": hi, "n": int(n.get(k, len(y_all)))}
+        for k, (v, lo, hi) in bootstrap(scores, len(y_all), RESAMPLES).items()
+    ]
+
+
 def per_image_scores(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
     """Dice and IoU of each image's thresholded mask (1 where both masks are empty)."""
     pred, truth = (probs > threshold).flatten(1).float(), target.flatten(1).float()
@@ -261,14 +277,9 @@ def per_image_scores(probs: torch.Tensor, target: torch.Tensor, threshold: float
 
 
 def write_segmentation_report(
-    values: Mapping[str, float],
-    images: int,
-    threshold: float,
-    out: Path,
-    title: str,
-    note: str = "",
+    values: Mapping[str, float], images: int, threshold: float, out: Path, title: str, note: str = "",
     per_image: Mapping[str, torch.Tensor] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[dict[str, Any]]:  # fmt: skip
     """``segmentation_report.{md,csv}`` from the module's metric values (and per-image intervals); returns the rows."""
     rows = [{"metric": k, "value": float(values[k])} for k in SEGMENTATION_NAMES]
     rows += [{"metric": "images", "value": images}, {"metric": "threshold", "value": float(threshold)}]
@@ -319,12 +330,21 @@ class EvaluationReport(L.Callback):
         if not trainer.sanity_checking and trainer.state.fn.value in self.stages:
             metrics = {"images": SumMetric(), "probs": CatMetric("disable"), "target": CatMetric("disable")}
             metrics |= {"dice": CatMetric("disable"), "iou": CatMetric("disable")}
-            self._states = {k: m.to(pl_module.device) for k, m in metrics.items()} | {"overlays": []}
+            self._states = {k: m.to(pl_module.device) for k, m in metrics.items()} | {"overlays": [], "external": {}}
 
-    def _collect(self, pl_module: L.LightningModule, outputs: Mapping[str, torch.Tensor], batch: Any) -> None:
+    def _collect(
+        self, pl_module: L.LightningModule, outputs: Mapping[str, torch.Tensor], batch: Any, source: str
+    ) -> None:
         if self._states is None:
             return
         probs, target = outputs["probs"].detach().float(), outputs["target"].detach()
+        if source != "in-distribution":  # an external test set: its own predictions, its own report
+            external = self._states["external"]
+            if source not in external:
+                external[source] = [CatMetric("disable").to(pl_module.device) for _ in range(2)]
+            external[source][0].update(probs)
+            external[source][1].update(target)
+            return
         self._states["images"].update(len(target))
         if pl_module.task == "classification":
             self._states["probs"].update(probs)
@@ -343,26 +363,32 @@ class EvaluationReport(L.Callback):
         if self._states is None:
             return
         split = "test" if trainer.testing else "val"
-        images = int(self._states["images"].compute())
-        if not images:
+        images = int(self._states["images"].compute()) if self._states["images"].update_count else 0
+        external = {k: (p.compute(), t.compute().long()) for k, (p, t) in self._states["external"].items()}
+        if not images and not external:
             log.info("EvaluationReport: the %s stage ran no batches; no report written.", split)
             self._states = None
             return
-        if pl_module.task == "classification":
-            data: Any = (self._states["probs"].compute(), self._states["target"].compute().long())
-        else:
+        data: Any = None  # only external test sets ran
+        if images and pl_module.task == "classification":
+            data = (self._states["probs"].compute(), self._states["target"].compute().long())
+        elif images:
             values = {k.split("/", 1)[1]: float(v) for k, v in pl_module.stage_metrics(split).compute().items()}
             per_image = {k: self._states[k].compute() for k in ("dice", "iou")}
             data = (values, images, self._states["overlays"], per_image)
-        self._pending = (split, data)
+        self._pending = (split, data, external)
         if trainer.state.fn.value != "fit":
             self._write(trainer, pl_module)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        split, data = self._pending
+        split, data, external = self._pending
         self._pending = self._states = None
         out = Path(trainer.log_dir or trainer.default_root_dir) / f"report_{split}"  # log_dir is collective
         if not trainer.is_global_zero:
+            return
+        if external:
+            self._write_external(trainer, pl_module, external, out.parent)
+        if data is None:
             return
         out.mkdir(parents=True, exist_ok=True)
         fit = trainer.state.fn.value == "fit"
@@ -380,19 +406,35 @@ class EvaluationReport(L.Callback):
         self.results[split], self.written[out.name] = rows, files
         log.info("Evaluation report written to %s: %s", out, ", ".join(sorted(files)))
 
+    def _write_external(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, external: Mapping[str, Any], base: Path
+    ) -> None:
+        """``report_external_<source>/`` per external test set, and ``external_summary.{csv,md}`` over them."""
+        info, summary = pl_module.describe(), []
+        note = f"Checkpoint: `{trainer.ckpt_path}`." if trainer.ckpt_path else ""
+        for source, (probs, target) in external.items():
+            out = base / f"report_external_{source}"
+            out.mkdir(parents=True, exist_ok=True)
+            title, names = f"{type(pl_module).__name__}, external test set {source}", info["class_names"]
+            rows = write_classification_report(probs, target, names, out, title, note, info["temperature"])
+            self.results[f"external/{source}"], self.written[out.name] = rows, {p.name: p for p in out.iterdir()}
+            summary += external_summary(probs, target, names, source)
+        md = f"# External test sets\n\n95% bootstrap intervals ({RESAMPLES} seeded resamples, percentile).\n\n"
+        (base / "external_summary.md").write_text(md + to_markdown(summary, 3), encoding="utf-8")
+        files = [write_csv(base / "external_summary.csv", summary), base / "external_summary.md"]
+        self.results["external_summary"], self.written["external_summary"] = summary, {p.name: p for p in files}
+        log.info("External test reports written to %s: %s", base, ", ".join(external))
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
 
     def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:
-        self._collect(pl_module, outputs, batch)
+    ) -> None:  # fmt: skip
+        sources = getattr(trainer.datamodule, "test_sources", None) if trainer.testing else None
+        source = sources[dataloader_idx] if sources and dataloader_idx < len(sources) else "in-distribution"
+        self._collect(pl_module, outputs, batch, source)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from covid_lightning.constants import CLASSES
+from covid_lightning.constants import CLASSES, DATASET_DIRNAME
 from covid_lightning.data.datasets import EpochSampler, FeatureDataset, ImageFolderDataset, XRayDataset
 from covid_lightning.data.demo import make_demo_dataset
 from covid_lightning.data.hygiene import screen_records
@@ -345,12 +345,55 @@ class RadiographyDataModule(XRayDataModule):
 
     Args:
         balance: ``none``; ``loss`` (class-weighted loss); ``sampler`` (class-balanced epochs); or per-class weights.
+        external: external test sets (dataset folders or manifests), each scored apart by ``test``, all its images.
     """
 
-    def __init__(self, balance: Literal["none", "loss", "sampler"] | Sequence[float] = "none", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        balance: Literal["none", "loss", "sampler"] | Sequence[float] = "none",
+        external: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if balance == "sampler" and self.hparams.streaming:
             raise DatasetError("data.balance sampler draws from files; a stream is read in its own order. Use files.")
+        #: the test loaders' sources, in order: ``in-distribution`` (when there is a test split), then external ones
+        self.test_sources: list[str] = ["in-distribution"]
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in ("test", None) and not any(k.startswith("external/") for k in self.datasets):
+            for name, records in self._external_records().items():
+                self.datasets[f"external/{name}"] = XRayDataset(records, eval_transform(self.hparams.image_size), False)
+
+    def _external_records(self) -> dict[str, list[Record]]:
+        """Each external source's screened records, labelled in the data's classes, by source name."""
+        classes, found = self.data_classes(), {}
+        for entry in self.hparams.external:
+            source = read_records(entry, with_masks=False)
+            base = source.base.parent if source.base.name == DATASET_DIRNAME else source.base
+            name = Path(entry).stem if source.manifest else base.name
+            name = f"{name}_{len(found)}" if name in found else name
+            unknown = sorted({r.class_name for r in source.records} - set(classes))
+            if unknown:
+                raise DatasetError(
+                    f"data.external {entry} has images of class(es) {', '.join(unknown)}, which the model does not "
+                    f"know ({', '.join(classes)}): drop those images (or rows) or use a model of those classes."
+                )
+            kept = screen_records(source.records, on_bad_file=self.hparams.on_bad_file, duplicates="none").records
+            found[name] = [Record(r.path, classes.index(r.class_name), None, r.class_name) for r in kept]
+            log.info("External test set %s (%s): %s", name, entry, class_counts(found[name], classes))
+        return found
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The test split's loader; with external sets a list: the test split's (when there is one), then theirs."""
+        external = [k for k in self.datasets if k.startswith("external/")]
+        if not external:
+            self.test_sources = ["in-distribution"]
+            return super().test_dataloader()
+        has_test = "test" in self.datasets if self.hparams.streaming else bool(self.records.get("test"))
+        self.test_sources = ["in-distribution"] * has_test + [k.removeprefix("external/") for k in external]
+        return [self._loader(k) for k in ["test"] * has_test + external]
 
     def _sample_weights(self) -> list[float] | None:
         if self.hparams.balance != "sampler":

@@ -285,15 +285,9 @@ def synthesize_xray(
 
 def _params(n_per_class: int, seed: int, rgb_fraction: float) -> dict[str, object]:
     return {
-        "generator": "covid-lightning demo",
-        "version": DEMO_VERSION,
-        "n_per_class": n_per_class,
-        "seed": seed,
-        "rgb_fraction": rgb_fraction,
-        "classes": list(CLASSES),
-        "image_size": IMAGE_SIZE,
-        "mask_size": MASK_SIZE,
-    }
+        "generator": "covid-lightning demo", "version": DEMO_VERSION, "n_per_class": n_per_class, "seed": seed,
+        "rgb_fraction": rgb_fraction, "classes": list(CLASSES), "image_size": IMAGE_SIZE, "mask_size": MASK_SIZE,
+    }  # fmt: skip
 
 
 def read_marker(dataset_dir: str | Path) -> dict[str, object] | None:
@@ -348,12 +342,9 @@ def _remove_stale(root: Path) -> None:
 
 
 def make_demo_dataset(
-    root: str | Path | None = None,
-    n_per_class: int = 50,
-    seed: int = 0,
-    rgb_fraction: float = 0.15,
+    root: str | Path | None = None, n_per_class: int = 50, seed: int = 0, rgb_fraction: float = 0.15,
     overwrite: bool = False,
-) -> Path:
+) -> Path:  # fmt: skip
     """Write the synthetic demo under ``root`` (default :func:`default_demo_dir`) and return the dataset folder.
 
     Deterministic and atomic (written in a hidden sibling, renamed into place); a finished demo is reused, and a

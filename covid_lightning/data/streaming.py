@@ -72,13 +72,6 @@ def _put(local: Path, location: str, storage_options: dict[str, Any] | None) -> 
         _fetch(str(local), Path(location))
 
 
-def _node() -> tuple[int, int]:
-    """LitData's optimize node rank and node count (0 and 1 on one machine)."""
-    return int(os.environ.get("DATA_OPTIMIZER_NODE_RANK", 0)), max(
-        1, int(os.environ.get("DATA_OPTIMIZER_NUM_NODES", 1))
-    )
-
-
 def read_meta(url: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``meta.json`` of an optimized dataset (local folder or object-store URL)."""
     try:
@@ -164,7 +157,8 @@ def optimize(
         overwrite: replace an existing optimized dataset at OUT.
         storage_options: options of the object store's client (LitData's).
     """
-    rank, nodes = _node()
+    rank = int(os.environ.get("DATA_OPTIMIZER_NODE_RANK", 0))  # LitData's optimize node rank (0 on one machine)
+    nodes = max(1, int(os.environ.get("DATA_OPTIMIZER_NUM_NODES", 1)))
     if nodes > 1 and overwrite:
         raise UserError("overwrite works on one node only: on several nodes, write to a new (empty) output.")
     indexes = [join_location(join_location(out, s), "index.json") for s in SPLITS]
@@ -292,12 +286,7 @@ class StreamingXRayDataset(StreamingDataset):
 
 
 def streaming_datasets(
-    url: str | Path,
-    *,
-    transforms: dict[str, Callable[..., dict]],
-    masks: bool,
-    seed: int,
-    **kwargs: Any,
+    url: str | Path, *, transforms: dict[str, Callable[..., dict]], masks: bool, seed: int, **kwargs: Any
 ) -> dict[str, StreamingXRayDataset]:
     """One :class:`StreamingXRayDataset` per split in ``transforms`` that has items (``train`` shuffled)."""
     meta = read_meta(url, kwargs.get("storage_options"))
@@ -307,19 +296,12 @@ def streaming_datasets(
         )
     return {
         split: StreamingXRayDataset(
-            url,
-            split,
-            transform,
-            masks=masks,
-            shuffle=split == "train",
-            seed=seed,
-            augment_seed=seed if split == "train" else None,
-            drop_last=None if split == "train" else False,
-            **kwargs,
+            url, split, transform, masks=masks, shuffle=split == "train", seed=seed,
+            augment_seed=seed if split == "train" else None, drop_last=None if split == "train" else False, **kwargs,
         )
         for split, transform in transforms.items()
         if meta["counts"].get(split)
-    }
+    }  # fmt: skip
 
 
 def streaming_loader(

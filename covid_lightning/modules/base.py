@@ -208,15 +208,11 @@ class XRayModule(L.LightningModule):
             )
 
     def _log_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+        # add_dataloader_idx=False: one name, also beside external test sets
         self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch_size,
-            sync_dist=stage != "train",
-        )
+            f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=batch_size,
+            sync_dist=stage != "train", add_dataloader_idx=False,
+        )  # fmt: skip
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer; a group's ``lr_factor`` scales the optimizer's lr for it."""
@@ -238,14 +234,9 @@ class XRayModule(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(
-        cls,
-        checkpoint_path: str | Path,
-        map_location: Any = None,
-        hparams_file: str | Path | None = None,
-        strict: bool | None = None,
-        weights_only: bool | None = True,
-        **kwargs: Any,
-    ) -> Self:
+        cls, checkpoint_path: str | Path, map_location: Any = None, hparams_file: str | Path | None = None,
+        strict: bool | None = None, weights_only: bool | None = True, **kwargs: Any,
+    ) -> Self:  # fmt: skip
         """Lightning's ``load_from_checkpoint`` with weights-only unpickling by default and errors naming both sides."""
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=weights_only is not False)
         stored = checkpoint.get(MODEL_CLASS_KEY) or checkpoint.get("hyper_parameters", {}).get("_class_path")

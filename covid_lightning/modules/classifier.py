@@ -238,9 +238,27 @@ class XRayClassifier(XRayModule):
         self.val_logits.reset()
         self.val_labels.reset()
 
+    def test_sources(self) -> list[str]:
+        """The test loaders' sources (the datamodule's ``test_sources``): ``in-distribution``, external set names."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return list(getattr(dm, "test_sources", None) or ["in-distribution"])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """The test split as ever; an external set only logs ``external/<source>/acc`` and returns its predictions."""
+        sources = self.test_sources()
+        source = sources[dataloader_idx] if dataloader_idx < len(sources) else "in-distribution"
+        if source == "in-distribution":
+            return self.shared_step(batch, "test")
+        probs, labels = self.probabilities(self(batch["image"])), batch["label"]
+        accuracy = (probs.argmax(1) == labels).float().mean()
+        self.log(f"external/{source}/acc", accuracy, on_epoch=True, batch_size=len(labels), sync_dist=True,
+                 add_dataloader_idx=False)  # fmt: skip
+        return {"probs": probs.detach(), "target": labels}
+
     def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._store_confusion_matrix("test")
+        if "in-distribution" in self.test_sources():  # only external sets: no test split to score
+            super().on_test_epoch_end()
+            self._store_confusion_matrix("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return {"path": batch["path"], "probs": self.probabilities(self(batch["image"])).cpu()}

@@ -12,13 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryF1Score,
-    BinaryJaccardIndex,
-    BinaryPrecision,
-    BinaryRecall,
-)
+from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryJaccardIndex, BinaryPrecision, BinaryRecall
 from torchmetrics.segmentation import DiceScore
 
 from covid_lightning.models.segmentation import SegmentationNet
