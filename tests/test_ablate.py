@@ -47,7 +47,7 @@ def test_shipped_rows_load(name: str):
         assert staged[:2] == ["--model.trainable", "head"] and "StagedUnfreeze" in staged[2]
         assert '"unfreeze_at_epoch": 3' in staged[2]
     elif name == "imbalance":
-        assert [r.args for r in rows] == [["--data.balance", b] for b in ("none", "loss", "sampler")]
+        assert [r.args for r in rows] == [["--data.balance", b] for b in ("none", "loss", "sampler", "loss_sqrt")]
     else:
         assert rows[0].args == []  # the recipe as is comes first
 

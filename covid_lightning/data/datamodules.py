@@ -344,13 +344,14 @@ class RadiographyDataModule(XRayDataModule):
     """Classification samples ``{"image": uint8 (3, S, S), "label": int, "path": str}`` from any data source.
 
     Args:
-        balance: ``none``; ``loss`` (class-weighted loss); ``sampler`` (class-balanced epochs); or per-class weights.
+        balance: ``none``; ``loss`` / ``loss_sqrt`` (class-weighted loss, inverse frequency or its square root);
+            ``sampler`` (class-balanced epochs); or per-class loss weights.
         external: external test sets (dataset folders or manifests), each scored apart by ``test``, all its images.
     """
 
     def __init__(
         self,
-        balance: Literal["none", "loss", "sampler"] | Sequence[float] = "none",
+        balance: Literal["none", "loss", "loss_sqrt", "sampler"] | Sequence[float] = "none",
         external: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
@@ -413,11 +414,12 @@ class RadiographyDataModule(XRayDataModule):
         weights = self.hparams.balance
         if weights in ("none", "sampler"):
             return None
-        if weights != "loss":
+        if weights not in ("loss", "loss_sqrt"):
             return [float(w) for w in weights]
         counts = list(self.class_counts.values())
         present = sum(1 for c in counts if c > 0)
-        return [sum(counts) / (present * c) if c > 0 else 0.0 for c in counts]
+        power = 0.5 if weights == "loss_sqrt" else 1.0  # the square root corrects less: fewer false minority calls
+        return [(sum(counts) / (present * c)) ** power if c > 0 else 0.0 for c in counts]
 
 
 class LungSegmentationDataModule(XRayDataModule):

@@ -7,6 +7,7 @@ import torch
 from covid_lightning import CLASSES, RadiographyDataModule, XRayClassifier
 from covid_lightning.callbacks import StagedUnfreeze
 from covid_lightning.cli import build_cli, main
+from covid_lightning.data.demo import make_demo_dataset
 from covid_lightning.inference import classify, load_checkpoint
 from tests.helpers.trainers import quiet_trainer
 
@@ -97,6 +98,13 @@ def test_balanced_class_weights_from_datamodule(demo_root: Path, tmp_path: Path)
     dm.setup("fit")
     assert dm.class_counts == dict.fromkeys(CLASSES, 6)
     assert dm.class_weights == pytest.approx([1.0] * 4)
+    root = make_demo_dataset(tmp_path / "uneven", n_per_class=12)
+    for path in sorted((root / "Viral Pneumonia" / "images").glob("*.png"))[4:]:
+        path.unlink()
+    full, sqrt = (_dm(root, balance=b, val_fraction=0.25) for b in ("loss", "loss_sqrt"))
+    counts = list(full.class_counts.values())
+    assert min(counts) < max(counts) and full.class_weights == pytest.approx([sum(counts) / (4 * c) for c in counts])
+    assert sqrt.class_weights == pytest.approx([w**0.5 for w in full.class_weights])  # milder correction
     assert _dm(demo_root).class_weights is None and _dm(demo_root, balance=[1, 2, 3, 4]).class_weights == [
         1,
         2,
