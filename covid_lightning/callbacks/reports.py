@@ -332,12 +332,11 @@ class EvaluationReport(L.Callback):
             metrics |= {"dice": CatMetric("disable"), "iou": CatMetric("disable")}
             self._states = {k: m.to(pl_module.device) for k, m in metrics.items()} | {"overlays": [], "external": {}}
 
-    def _collect(
-        self, pl_module: L.LightningModule, outputs: Mapping[str, torch.Tensor], batch: Any, source: str
-    ) -> None:
+    def _collect(self, pl_module: L.LightningModule, outputs: Mapping[str, Any], batch: Any) -> None:
         if self._states is None:
             return
         probs, target = outputs["probs"].detach().float(), outputs["target"].detach()
+        source = outputs.get("source", "in-distribution")  # the model names an external test set's batches
         if source != "in-distribution":  # an external test set: its own predictions, its own report
             external = self._states["external"]
             if source not in external:
@@ -432,9 +431,7 @@ class EvaluationReport(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        sources = getattr(trainer.datamodule, "test_sources", None) if trainer.testing else None
-        source = sources[dataloader_idx] if sources and dataloader_idx < len(sources) else "in-distribution"
-        self._collect(pl_module, outputs, batch, source)
+        self._collect(pl_module, outputs, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)

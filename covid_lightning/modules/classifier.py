@@ -243,8 +243,9 @@ class XRayClassifier(XRayModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         return list(getattr(dm, "test_sources", None) or ["in-distribution"])
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        """The test split as ever; an external set only logs ``external/<source>/acc`` and returns its predictions."""
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """The test split as ever; an external set only logs ``external/<source>/acc`` and returns its predictions,
+        named by ``source`` (what the evaluation report files them under)."""
         sources = self.test_sources()
         source = sources[dataloader_idx] if dataloader_idx < len(sources) else "in-distribution"
         if source == "in-distribution":
@@ -253,7 +254,7 @@ class XRayClassifier(XRayModule):
         accuracy = (probs.argmax(1) == labels).float().mean()
         self.log(f"external/{source}/acc", accuracy, on_epoch=True, batch_size=len(labels), sync_dist=True,
                  add_dataloader_idx=False)  # fmt: skip
-        return {"probs": probs.detach(), "target": labels}
+        return {"probs": probs.detach(), "target": labels, "source": source}
 
     def on_test_epoch_end(self) -> None:
         if "in-distribution" in self.test_sources():  # only external sets: no test split to score
