@@ -40,11 +40,13 @@ class CovidLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+        parser.link_arguments("data.init_args.intensity", "model.init_args.intensity")
         # the classifier's head sizes itself from the data's classes (a manifest's labels, or the Kaggle four)
         for target, compute in (("class_names", list), ("num_classes", len)):
             parser.link_arguments("data.class_names", f"model.init_args.{target}", compute, apply_on="instantiate")
         # and its loss weights from the data's (``--data.balance loss``: from the train split)
         parser.link_arguments("data.class_weights", "model.init_args.class_weights", apply_on="instantiate")
+        parser.link_arguments("data.class_prior", "model.init_args.class_prior", apply_on="instantiate")
         parser.add_argument(
             "--name", type=str | None, default=None, help="Run name: the run lives in <default_root_dir>/<name>/."
         )

@@ -266,7 +266,7 @@ def int8_path(onnx_path: str | Path) -> Path:
 
 
 def calibration_batches(
-    paths: Sequence[Path], image_size: int, count: int = 128, batch: int = 16, seed: int = 0
+    paths: Sequence[Path], image_size: int, count: int = 128, batch: int = 16, seed: int = 0, intensity: str = "none"
 ) -> list[np.ndarray]:
     """``count`` images drawn (seeded) from ``paths``, preprocessed as in validation: uint8 ``(N, 3, S, S)`` batches."""
     from covid_lightning.inference import preprocess
@@ -274,7 +274,7 @@ def calibration_batches(
     if not paths:
         raise UserError("No calibration images: give a folder with PNG/JPEG radiographs.")
     chosen = random.Random(seed).sample(list(paths), min(count, len(paths)))
-    return [preprocess(chosen[i : i + batch], image_size).numpy() for i in range(0, len(chosen), batch)]
+    return [preprocess(chosen[i : i + batch], image_size, intensity).numpy() for i in range(0, len(chosen), batch)]
 
 
 def quantize_onnx(
@@ -379,14 +379,16 @@ def export(
     paths = list_predict_images(calibrate)
     random.Random(0).shuffle(paths)
     calibration, check = paths[:calibration_images], paths[calibration_images:][:check_images]
-    size = model.describe()["image_size"]
+    size, intensity = model.describe()["image_size"], model.describe()["intensity"]
     fp32 = folder / f"{ckpt.stem}.onnx"
-    int8 = quantize_onnx(fp32, None, calibration_batches(calibration, size, count=len(calibration)))
+    int8 = quantize_onnx(
+        fp32, None, calibration_batches(calibration, size, count=len(calibration), intensity=intensity)
+    )
     print(int8, sidecar_path(int8), sep="\n")
     if not check:
         print("int8 vs float32: no images left for the check (the calibration used them all)")
         return 0
-    report = agreement(fp32, int8, calibration_batches(check, size, count=len(check)))
+    report = agreement(fp32, int8, calibration_batches(check, size, count=len(check), intensity=intensity))
     figures = ", ".join(f"{k} {v:.4g}" for k, v in report.items() if k != "images")
     print(f"int8 vs float32 on {report['images']} images not used for calibration: {figures}")
     return 0

@@ -11,13 +11,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from covid_lightning.inference import ImageLike, preprocess, to_rgb_uint8
+from covid_lightning.inference import ImageLike, classify, input_spec, preprocess, to_rgb_uint8
+from covid_lightning.plotting import image_panels, save_figure
 
 
 def default_target_layer(model: nn.Module) -> nn.Module:
@@ -60,7 +63,7 @@ def gradcam_batch(
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(model.device.type, enabled=False):
             for p in params:
                 p.requires_grad_(False)
-            x = (preprocess(rgbs, model.hparams.image_size).to(model.device).float() / 255).requires_grad_(True)
+            x = (preprocess(rgbs, *input_spec(model)).to(model.device).float() / 255).requires_grad_(True)
             with GradCAM(model=model, target_layers=[layer or default_target_layer(model)]) as cam:  # -> eval mode
                 targets = None  # the package's default: each image's predicted class
                 if any(t is not None for t in target_classes):
@@ -84,17 +87,30 @@ def gradcam(
     return gradcam_batch(model, [image], [target_class], layer=layer)[0]
 
 
-def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """A jet-coloured heatmap (resized to the image) blended over an RGB or gray uint8 image -> uint8 RGB."""
-    rgb = to_rgb_uint8(np.asarray(image))
+def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6, cmap: str = "inferno") -> np.ndarray:
+    """The heatmap (resized to the image) in ``cmap`` over an RGB or gray uint8 image -> uint8 RGB; each pixel's
+    opacity is ``alpha`` x its heat, so the anatomy stays visible and is untouched where the heat is 0."""
+    rgb = to_rgb_uint8(np.asarray(image)).astype(np.float32)
     heat = _resize(np.asarray(heatmap), rgb.shape[:2])
-    return show_cam_on_image(rgb.astype(np.float32) / 255.0, heat, use_rgb=True, image_weight=1.0 - alpha)
+    weight = alpha * heat[..., None]
+    return (rgb * (1 - weight) + 255 * colormaps[cmap](heat)[..., :3] * weight).round().astype(np.uint8)
+
+
+def gradcam_figure(image: ImageLike, heatmap: np.ndarray, title: str, cmap: str = "inferno") -> Figure:
+    """The :func:`overlay_heatmap` of ``image`` titled ``title``, with a colour bar of the relevance scale."""
+    overlay = overlay_heatmap(to_rgb_uint8(image), heatmap, cmap=cmap)
+    fig, [ax] = image_panels([overlay], [title], 1, size=4.5)
+    shrink = 0.7 * min(1.0, overlay.shape[0] / overlay.shape[1])  # about as tall as the image
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax, label="Grad-CAM relevance, 0-1", shrink=shrink)
+    return fig
 
 
 def save_gradcam(model: nn.Module, image: ImageLike, path: str | Path, target_class: int | str | None = None) -> Path:
-    """Write the Grad-CAM overlay of ``image`` (original size; format by suffix) to ``path``."""
+    """Write the Grad-CAM figure of ``image`` for ``target_class`` (None: the predicted class), captioned with the
+    class and its probability, to ``path`` (format by suffix)."""
     rgb = to_rgb_uint8(image)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay_heatmap(rgb, gradcam(model, rgb, target_class))).save(path)
-    return path
+    probs = classify(model, rgb)
+    name = max(probs, key=probs.get) if target_class is None else model.class_names[class_index(model, target_class)]
+    title = f"{Path(image).name}\n" if isinstance(image, (str, Path)) else ""
+    heatmap = gradcam(model, rgb, name)
+    return save_figure(gradcam_figure(rgb, heatmap, f"{title}Grad-CAM for {name} (p {probs[name]:.3f})"), path)

@@ -32,10 +32,15 @@ def to_rgb_uint8(image: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr[..., :3])
 
 
-def preprocess(images: Sequence[ImageLike], image_size: int) -> torch.Tensor:
+def preprocess(images: Sequence[ImageLike], image_size: int, intensity: str = "none") -> torch.Tensor:
     """Images -> the uint8 (N, 3, S, S) batch the model expects, exactly as in validation."""
-    transform = eval_transform(image_size)
+    transform = eval_transform(image_size, intensity)
     return torch.stack([transform(image=to_rgb_uint8(im))["image"] for im in images])
+
+
+def input_spec(model: Any) -> tuple[int, str]:
+    """A model's input size and intensity standardisation: what :func:`preprocess` needs to feed it."""
+    return int(model.hparams.image_size), str(model.hparams.get("intensity", "none"))
 
 
 @torch.inference_mode()
@@ -47,7 +52,7 @@ def predict_batch(model: Any, batch: torch.Tensor, sizes: Sequence[tuple[int, in
 def predict(model: Any, images: Sequence[ImageLike]) -> list[Any]:
     """:func:`predict_batch` of images in any supported form, masks at each image's own size."""
     rgbs = [to_rgb_uint8(im) for im in images]
-    batch = preprocess(rgbs, model.hparams.image_size)
+    batch = preprocess(rgbs, *input_spec(model))
     return predict_batch(model.eval(), batch, [rgb.shape[:2] for rgb in rgbs])
 
 
@@ -64,7 +69,7 @@ def segment(model: Any, image: ImageLike, return_probs: bool = False) -> np.ndar
         return predict(model, [image])[0]
     rgb = to_rgb_uint8(image)
     with torch.inference_mode():
-        probs = model.eval().probabilities(model(preprocess([rgb], model.hparams.image_size).to(model.device)))
+        probs = model.eval().probabilities(model(preprocess([rgb], *input_spec(model)).to(model.device)))
     probs = model.resize_probs(probs[0], rgb.shape[:2])
     return probs > model.threshold, probs
 

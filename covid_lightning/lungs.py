@@ -15,9 +15,9 @@ from jsonargparse.typing import PositiveInt
 from PIL import Image
 
 from covid_lightning.data.roi import roi_mask_name
-from covid_lightning.data.scan import list_predict_images
+from covid_lightning.data.scan import list_predict_images, read_records
 from covid_lightning.data.transforms import ImageReadError, load_image
-from covid_lightning.inference import load_checkpoint, predict_batch, preprocess
+from covid_lightning.inference import input_spec, load_checkpoint, predict_batch, preprocess
 from covid_lightning.runtime import cache_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def predict_lung_masks(
                 skipped += 1
                 log.warning("Lung mask skipped: %s", err)
         if rgbs:
-            batch = preprocess(rgbs, model.hparams.image_size)
+            batch = preprocess(rgbs, *input_spec(model))
             for name, mask in zip(names, predict_batch(model.eval(), batch, [rgb.shape[:2] for rgb in rgbs])):
                 tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # then renamed: DDP ranks never see a torn file
                 Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
@@ -85,6 +85,8 @@ def attach_lung_masks(
     """Compute the lung masks ``datamodule`` will use at ``stage`` and set ``hparams.lung_masks`` to their folder."""
     predict_root = datamodule.hparams.get("predict_root")
     paths = [] if stage == "predict" and predict_root else [r.path for r in datamodule._source().records]
+    if stage in ("test", None):  # external test sets go through the same lung ROI as the split
+        paths += [r.path for entry in datamodule.hparams.get("external", ()) for r in read_records(entry).records]
     if predict_root and stage in ("predict", None):
         paths += list_predict_images(predict_root)
     folder = predict_lung_masks(segmenter_ckpt, paths, cache_root=cache_root)

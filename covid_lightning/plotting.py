@@ -1,12 +1,14 @@
-"""The lab's training curves from a run's ``metrics.csv`` (drawn on a ``Figure``, never through ``pyplot``)."""
+"""The lab's training curves (from a run's ``metrics.csv``) and image panels, on a ``Figure``, never ``pyplot``."""
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 #: panel title -> (train column, val column), per run kind
@@ -88,7 +90,31 @@ def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path:
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(f"{csv_path.parent.parent.name}/{csv_path.parent.name}")
-    out = Path(out) if out is not None else csv_path.with_name("curves.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return save_figure(fig, Path(out) if out is not None else csv_path.with_name("curves.png"))
+
+
+def save_figure(fig: Figure, path: str | Path, title: str = "") -> Path:
+    """Write ``fig`` (with suptitle ``title``) as ``path`` at the lab's 110 dpi; returns the path."""
+    if title:
+        fig.suptitle(title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.draw_without_rendering()  # constrained layout makes room for multi-line titles only from a second pass
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def image_panels(
+    images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 3, size: float = 3.2
+) -> tuple[Figure, list[Axes]]:
+    """One uint8 RGB image per titled panel (first line: the file name), without axes, ``columns`` to a row."""
+    cols = max(min(columns, len(images)), 1)
+    rows = math.ceil(max(len(images), 1) / cols)
+    fig = Figure(figsize=(size * cols, (size + 0.4) * rows + 0.5), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, image, title in zip(axes, images, titles):
+        name, *rest = title.split("\n")  # a long first line (a file name) is cut in the middle: titles never collide
+        ax.imshow(image)
+        ax.set_title("\n".join([name if len(name) <= 34 else f"{name[:16]}…{name[-16:]}", *rest]), fontsize=9)
+    return fig, axes[: len(images)]

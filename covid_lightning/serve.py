@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from covid_lightning import __version__
 from covid_lightning.data.transforms import decode_rgb, dicom_size, has_dicom_magic
 from covid_lightning.errors import UserError
-from covid_lightning.inference import load_checkpoint, predict_batch, preprocess
+from covid_lightning.inference import input_spec, load_checkpoint, predict_batch, preprocess
 from covid_lightning.modules.base import as_xray_module
 from covid_lightning.runtime import usable_cpus
 
@@ -43,6 +43,7 @@ class HttpConfig(NamedTuple):
     """What the HTTP process needs to check and preprocess a request (``app.state.covid_lightning``)."""
 
     image_size: int
+    intensity: str = "none"
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
@@ -89,7 +90,7 @@ def image_bytes_from_json(body: bytes) -> bytes:
         _fail(400, f'"image" is not valid base64: {err}.')
 
 
-def decode_image(data: bytes, image_size: int) -> dict[str, Any]:
+def decode_image(data: bytes, image_size: int, intensity: str = "none") -> dict[str, Any]:
     """PNG/JPEG/DICOM bytes -> ``{"image": uint8 (3, S, S), "height", "width"}``, preprocessed as ``classify``."""
     dicom = has_dicom_magic(data)
     try:
@@ -102,7 +103,7 @@ def decode_image(data: bytes, image_size: int) -> dict[str, Any]:
             width, height = image.size
         if width * height > MAX_PIXELS:
             _fail(413, f"Image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} pixels.")
-        batch = preprocess([decode_rgb(data) if dicom else image], image_size)
+        batch = preprocess([decode_rgb(data) if dicom else image], image_size, intensity)
     except HTTPException:
         raise
     except Image.DecompressionBombError as err:
@@ -132,7 +133,7 @@ async def read_image_request(request: Request) -> dict[str, Any]:
         _fail(400, "Empty image: send a PNG, JPEG or DICOM image.")
     if len(data) > config.max_bytes:
         _fail(413, f"Image of {len(data)} bytes exceeds the limit of {config.max_bytes} bytes.")
-    return await run_in_threadpool(decode_image, data, config.image_size)
+    return await run_in_threadpool(decode_image, data, config.image_size, config.intensity)
 
 
 #: LitServe hands this annotation to FastAPI as the endpoint's parameter: the dependency's result is what is queued
@@ -219,14 +220,14 @@ def serve(
     except Exception as err:
         reason = (str(err).strip() or repr(err)).splitlines()[0]  # torch's messages run long
         raise UserError(f"serve: cannot load {ckpt}: {reason}") from err
-    image_size = int(model.hparams.image_size)
+    image_size, intensity = input_spec(model)
     del model
     torch.set_num_threads(1)  # this process and its forked HTTP processes preprocess single images
     api = XRayAPI(ckpt, max_batch_size, batch_timeout, threads or max(1, (usable_cpus() - 1) // workers))
     server = ls.LitServer(
         api, accelerator=accelerator, devices=devices, workers_per_device=workers, timeout=timeout, model_metadata=info
     )
-    server.app.state.covid_lightning = HttpConfig(image_size, max_bytes)
+    server.app.state.covid_lightning = HttpConfig(image_size, intensity, max_bytes)
     # SIGTERM (docker stop) shuts down like Ctrl+C; forked children (uvicorn) get the default handler back
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))

@@ -59,7 +59,14 @@ def labelled_scores(path: str | Path, records: Sequence[Any], batch: int = 32) -
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
         probs = torch.from_numpy(
-            run.run(["probs"], {contract["input_name"]: preprocess([r.path for r in chunk], size).numpy()})[0]
+            run.run(
+                ["probs"],
+                {
+                    contract["input_name"]: preprocess(
+                        [r.path for r in chunk], size, contract.get("intensity", "none")
+                    ).numpy()
+                },
+            )[0]
         )
         if contract["kind"] == "classifier":
             metrics.update(probs, torch.tensor([r.label for r in chunk]))

@@ -91,6 +91,14 @@ def test_external_sets_are_reported_apart(demo_root, classifier_ckpt, sources, t
             row = got[metric]
             assert float(row["value"]) == pytest.approx(value, abs=1e-9) and int(row["n"]) == n, (name, metric)
             assert float(row["95% CI low"]) <= float(row["value"]) <= float(row["95% CI high"])
+    # every external film together: n adds up over the sources, the figures lie between theirs
+    pooled = {r["metric"]: r for r in summary if r["source"] == "pooled"}
+    by_source = {(r["source"], r["metric"]): r for r in summary}
+    for metric in ("accuracy", "sensitivity (COVID)", "specificity (Normal)"):
+        parts = [by_source[(name, metric)] for name in ("site_a", "site_b")]
+        assert int(pooled[metric]["n"]) == sum(int(p["n"]) for p in parts)
+        low, high = sorted(float(p["value"]) for p in parts)
+        assert low - 1e-9 <= float(pooled[metric]["value"]) <= high + 1e-9
 
 
 def test_unknown_class_is_a_named_error(demo_root, classifier_ckpt, sources, tmp_path, capsys):
@@ -126,3 +134,27 @@ def test_summary_on_the_real_external_sample(classifier_ckpt, demo_root, tmp_pat
     normal = [r.path.name for r in dm.datasets["external/external_cxr_sample"].records if r.class_name == "Normal"]
     assert sum("actualmed" in n for n in normal) == 18 and sum("openist" in n for n in normal) == 137
     assert (tmp_path / "report_external_external_cxr_sample" / "classification_report.md").is_file()
+
+
+def test_manifests_of_the_shared_samples(tmp_path):
+    """scripts/external_manifests.py: one manifest per external source, the other sample's originals, and a
+    source-held-out validation manifest that keeps a run's train and test rows."""
+    shared = REPO.parent / "shared/data"
+    if not (EXTERNAL_CXR.is_dir() and (shared / "covid_radiography_sample").is_dir()):
+        pytest.skip(f"real samples not present under {shared}")
+    from tests.helpers.scripts import load_script
+
+    split = tmp_path / "split.csv"
+    split.write_text("path,mask_path,label,class_name,split,group\n"
+                     "COVID/images/COVID-100.png,,0,COVID,test,0\nNormal/images/Normal-1.png,,2,Normal,train,1\n"
+                     "Normal/images/Normal-10.png,,2,Normal,val,2\n")  # fmt: skip
+    assert load_script("external_manifests").main(shared, tmp_path / "m", split) == 0
+    rows = {name: _rows(tmp_path / "m" / f"{name}.csv") for name in ("actualmed", "openist", "kaggle_originals")}
+    assert [len(v) for v in rows.values()] == [44, 137, 40]
+    assert all(Path(r["path"]).is_file() and r["split"] == "test" for v in rows.values() for r in v)
+    assert all(Path(r["mask_path"]).is_file() for r in rows["openist"])
+    assert sorted({r["label"] for r in rows["actualmed"]}) == ["COVID", "Normal"]
+    heldout = _rows(tmp_path / "m" / "source_heldout.csv")
+    assert [r["split"] for r in heldout[:2]] == ["test", "train"] and len(heldout) == 2 + 140
+    assert {r["label"] for r in heldout[2:]} == {"COVID", "Normal", "Viral Pneumonia"}
+    assert all("covid_radiography_sample" in r["path"] and r["split"] == "val" for r in heldout[2:])

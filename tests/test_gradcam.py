@@ -1,4 +1,4 @@
-"""Grad-CAM: original-size heatmaps in [0, 1], class-dependent, frozen backbones, overlays."""
+"""Grad-CAM: original-size heatmaps in [0, 1], class-dependent, frozen backbones, overlays and captioned figures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 from covid_lightning import XRayClassifier
-from covid_lightning.gradcam import default_target_layer, gradcam, gradcam_batch, overlay_heatmap, save_gradcam
+from covid_lightning.gradcam import (
+    default_target_layer,
+    gradcam,
+    gradcam_batch,
+    gradcam_figure,
+    overlay_heatmap,
+    save_gradcam,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +79,19 @@ def test_overlay_and_save(classifier_ckpt: Path, xray: Image.Image, tmp_path: Pa
     overlay = overlay_heatmap(rgb, np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4))
     assert overlay.shape == (180, 240, 3) and overlay.dtype == np.uint8
     assert not np.array_equal(overlay, rgb)
+    # the anatomy stays visible: untouched where there is no heat, tinted (not painted over) where it is hottest
+    np.testing.assert_array_equal(overlay_heatmap(rgb, np.zeros((4, 4), np.float32)), rgb)
+    hot = overlay_heatmap(rgb, np.ones((4, 4), np.float32)).astype(float)
+    assert not np.array_equal(hot, rgb) and np.corrcoef(hot.mean(-1).ravel(), rgb.mean(-1).ravel())[0, 1] > 0.99
+    assert hot.mean(-1).std() > 0.3 * rgb.mean(-1).std()
     path = save_gradcam(model, xray, tmp_path / "sub" / "cam.png", target_class=0)
-    with Image.open(path) as im:
-        assert im.mode == "RGB" and im.size == (240, 180)
+    with Image.open(path) as im:  # the captioned figure with its colour bar
+        assert im.mode in ("RGB", "RGBA") and min(im.size) > 300
+        assert np.asarray(im.convert("L")).std() > 10
+
+
+def test_gradcam_figure_caption_and_colour_bar(xray: Image.Image):
+    fig = gradcam_figure(xray, np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4), "COVID-1.png\npredicted COVID")
+    image, bar = fig.axes
+    assert image.get_title() == "COVID-1.png\npredicted COVID"
+    assert bar.get_ylabel() == "Grad-CAM relevance, 0-1" and bar.get_ylim() == (0.0, 1.0)

@@ -231,6 +231,7 @@ def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
         "class_names": list(CLASSES),
         "temperature": pytest.approx(float(model.temperature)),
         "image_size": 64,
+        "intensity": "none",  # what /predict applies after the resize, as in training
         "checkpoint": str(classifier_ckpt.resolve()),
         "version": __version__,
     }
@@ -239,6 +240,7 @@ def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
         "kind": "segmentation",
         "threshold": 0.5,
         "image_size": 64,
+        "intensity": "none",
         "checkpoint": str(segmenter_ckpt.resolve()),
         "version": __version__,
     }

@@ -1,5 +1,5 @@
-"""PredictionWriter: ``lightning predict`` -> ``predictions.csv`` (and Grad-CAM overlays) for a classifier,
-``masks/*.png`` and ``lung_area.csv`` for a segmenter; rank 0 gathers the CSV rows of every rank.
+"""PredictionWriter: ``lightning predict`` -> ``predictions.csv`` (and Grad-CAM figures) for a classifier,
+``masks/*.png`` and ``lung_area.csv`` (and contour overlays) for a segmenter; rank 0 gathers the CSV rows of every rank.
 """
 
 from __future__ import annotations
@@ -15,15 +15,19 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from matplotlib.figure import Figure
 from PIL import Image
 
+from covid_lightning.callbacks.overlays import overlay_figure
 from covid_lightning.errors import UserError
+from covid_lightning.inference import to_rgb_uint8
 from covid_lightning.modules.base import as_xray_module
+from covid_lightning.plotting import save_figure
 
 log = logging.getLogger(__name__)
 
 CSV_NAMES = {"classification": "predictions.csv", "segmentation": "lung_area.csv"}
-MASKS_DIR, GRADCAM_DIR = "masks", "gradcam"
+FOLDERS = (MASKS_DIR, GRADCAM_DIR, OVERLAYS_DIR) = ("masks", "gradcam", "overlays")
 
 
 def _png_name(rel: str) -> str:
@@ -35,13 +39,18 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         output_dir: where to write; None = the run's log folder (``<default_root_dir>/predictions`` without one).
-        gradcam: classifier only: also write a Grad-CAM overlay per image for its predicted class.
+        gradcam: classifier only: also write ``gradcam/<image>.png``, the Grad-CAM of the predicted class over the
+            image, titled with the file name, the class and its probability (as in the CSV), with a colour bar.
+        overlays: segmenter only: also write ``overlays/<image>.png``, the predicted lung contour on the image,
+            titled with the file name.
         overwrite: replace earlier predictions found in ``output_dir`` (otherwise the run refuses).
     """
 
-    def __init__(self, output_dir: str | None = None, gradcam: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self, output_dir: str | None = None, gradcam: bool = False, overlays: bool = False, overwrite: bool = False
+    ) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir, self.gradcam, self.overwrite = output_dir, gradcam, overwrite
+        self.output_dir, self.gradcam, self.overlays, self.overwrite = output_dir, gradcam, overlays, overwrite
         self.out_dir: Path | None = None
         self.csv_path: Path | None = None  # the CSV of the last predict run (rank 0)
         self._root: Path | None = None
@@ -59,9 +68,7 @@ class PredictionWriter(BasePredictionWriter):
         log_dir = trainer.log_dir  # a collective call: all ranks
         default = Path(log_dir) if trainer.loggers and log_dir else Path(trainer.default_root_dir) / "predictions"
         self.out_dir = Path(self.output_dir).expanduser() if self.output_dir else default
-        earlier = [
-            self.out_dir / n for n in (*CSV_NAMES.values(), MASKS_DIR, GRADCAM_DIR) if (self.out_dir / n).exists()
-        ]
+        earlier = [self.out_dir / n for n in (*CSV_NAMES.values(), *FOLDERS) if (self.out_dir / n).exists()]
         if earlier and not self.overwrite:
             raise UserError(
                 f"{self.out_dir} already holds predictions ({', '.join(p.name for p in earlier)}). Give another "
@@ -79,6 +86,8 @@ class PredictionWriter(BasePredictionWriter):
         self._task = as_xray_module(pl_module, "write predictions of").task
         if self.gradcam and self._task != "classification":
             raise ValueError("PredictionWriter(gradcam=True) needs a classifier; this model has no class_names.")
+        if self.overlays and self._task != "segmentation":
+            raise ValueError("PredictionWriter(overlays=True) needs a segmenter; for a classifier use gradcam=True.")
         classes = pl_module.describe().get("class_names", [])
         self._header = ["path", "predicted", *classes] if classes else ["path", "mask_path", "lung_fraction"]
         self._rows, self.csv_path = [], None
@@ -93,11 +102,14 @@ class PredictionWriter(BasePredictionWriter):
         self._names = {r: r.lstrip("/") + ".png" if shared[_png_name(r)] > 1 else _png_name(r) for r in rels}
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def _save_image(self, folder: str, rel: str, image: np.ndarray) -> str:
-        """Write ``image`` as ``<folder>/<rel's output name>``; returns that path relative to ``out_dir``."""
+    def _save_image(self, folder: str, rel: str, image: np.ndarray | Figure) -> str:
+        """Write an image or a figure as ``<folder>/<rel's output name>``; returns that path relative to ``out_dir``."""
         out = Path(folder) / self._names.get(rel, _png_name(rel))
         (self.out_dir / out).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(self.out_dir / out)
+        if isinstance(image, Figure):
+            save_figure(image, self.out_dir / out)
+        else:
+            Image.fromarray(image).save(self.out_dir / out)
         return out.as_posix()
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: Any, prediction: dict[str, Any], *_: Any) -> None:
@@ -105,21 +117,25 @@ class PredictionWriter(BasePredictionWriter):
         sizes = [tuple(s) for s in torch.as_tensor(sizes).tolist()] if sizes is not None else None
         paths = list(prediction["path"])
         outputs = pl_module.postprocess(prediction["probs"], sizes)
-        for path, out in zip(paths, outputs):
-            rel = self.relative_path(path)
+        rgbs = [to_rgb_uint8(p) if self.gradcam or self.overlays else None for p in paths]
+        heats = [None] * len(paths)
+        if self.gradcam:  # for the class of the CSV, captioned with its probability there
+            from covid_lightning.gradcam import gradcam_batch, gradcam_figure
+
+            heats = gradcam_batch(pl_module, rgbs, [max(out, key=out.get) for out in outputs])
+        for path, out, rgb, heat in zip(paths, outputs, rgbs, heats):
+            rel, name = self.relative_path(path), Path(path).name
             if self._task == "classification":
-                self._rows.append([rel, max(out, key=out.get), *(f"{v:.6f}" for v in out.values())])
+                predicted = max(out, key=out.get)
+                self._rows.append([rel, predicted, *(f"{v:.6f}" for v in out.values())])
+                if self.gradcam:
+                    caption = f"{name}\npredicted {predicted} (p {out[predicted]:.3f})"
+                    self._save_image(GRADCAM_DIR, rel, gradcam_figure(rgb, heat, caption))
             else:
                 mask_path = self._save_image(MASKS_DIR, rel, out.astype(np.uint8) * 255)  # uint8 (H, W): mode L
                 self._rows.append([rel, mask_path, f"{float(out.mean()):.6f}"])
-        if self.gradcam:
-            from covid_lightning.gradcam import gradcam_batch, overlay_heatmap
-            from covid_lightning.inference import to_rgb_uint8
-
-            rgbs = [to_rgb_uint8(p) for p in paths]
-            predicted = prediction["probs"].argmax(dim=-1).tolist()
-            for path, rgb, heat in zip(paths, rgbs, gradcam_batch(pl_module, rgbs, predicted)):
-                self._save_image(GRADCAM_DIR, self.relative_path(path), overlay_heatmap(rgb, heat))
+                if self.overlays:
+                    self._save_image(OVERLAYS_DIR, rel, overlay_figure([rgb], [out], names=[name]))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = self._rows

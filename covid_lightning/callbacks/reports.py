@@ -14,7 +14,6 @@ import lightning as L
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from torchmetrics import CatMetric, SumMetric
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassROC
 from torchmetrics.functional.classification import (
@@ -27,8 +26,10 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from covid_lightning.callbacks.overlays import overlay_grid
+from covid_lightning.callbacks.overlays import overlay_figure, per_image_scores
+from covid_lightning.inference import to_rgb_uint8
 from covid_lightning.modules.metrics import bootstrap, classification_scores
+from covid_lightning.plotting import image_panels, save_figure
 
 #: bootstrap resamples (over images) behind every interval of a report; below ``FEW`` images a figure is flagged
 RESAMPLES, FEW = 1000, 30
@@ -167,13 +168,6 @@ def reliability(probs: torch.Tensor, target: torch.Tensor, bins: int = 15) -> tu
     return ece, table
 
 
-def _save(fig: Figure, path: Path, title: str) -> Path:
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def write_classification_report(
     probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], out: Path, title: str, note: str = "",
     temperature: float = 1.0,
@@ -215,7 +209,7 @@ def write_classification_report(
     plot(torch.as_tensor(cm / np.maximum(cm.sum(1, keepdims=True), 1)), ax=normalised, labels=names)
     counts.set_title("counts")
     normalised.set_title("row-normalised")
-    _save(fig, out / "confusion_matrix.png", title)
+    save_figure(fig, out / "confusion_matrix.png", title)
 
     roc = MulticlassROC(n, thresholds=None, sync_on_compute=False)  # rank 0 alone draws
     roc.update(torch.as_tensor(probs).float().cpu(), torch.as_tensor(target).long().cpu())
@@ -225,7 +219,7 @@ def write_classification_report(
         warnings.simplefilter("ignore")
         roc.plot(score=True, ax=ax, labels=names)
     ax.set_title("ROC (one-vs-rest)")
-    _save(fig, out / "roc.png", title)
+    save_figure(fig, out / "roc.png", title)
 
     fig = Figure(figsize=(5.5, 5.5), layout="constrained")
     ax = fig.subplots()
@@ -235,8 +229,21 @@ def write_classification_report(
     ax.set(xlabel="confidence (top class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02))
     ax.set_title(f"Reliability diagram ({len(target)} images)")
     ax.legend(loc="upper left")
-    _save(fig, out / "reliability.png", title)
+    save_figure(fig, out / "reliability.png", title)
     return rows
+
+
+def error_figure(errors: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> Figure:
+    """Misclassified images (``image``, ``path``, ``true``, ``pred``, ``p``: the predicted class's probability), each
+    titled with its file name, true class and predicted class."""
+    titles = [f"{Path(e['path']).name}\ntrue {class_names[int(e['true'])]}\npredicted "
+              f"{class_names[int(e['pred'])]}, p {float(e['p']):.2f}" for e in errors]  # fmt: skip
+    return image_panels([to_rgb_uint8(e["image"]) for e in errors], titles)[0]
+
+
+def _lowest(items: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The ``k`` items of lowest ``score``, one per ``path`` (the distributed sampler repeats images)."""
+    return sorted({item["path"]: item for item in items}.values(), key=lambda item: item["score"])[:k]
 
 
 def external_summary(
@@ -265,15 +272,6 @@ def external_summary(
         {"source": source, "metric": k, "value": v, "95% CI low": lo, "95% CI high": hi, "n": int(n.get(k, len(y_all)))}
         for k, (v, lo, hi) in bootstrap(scores, len(y_all), RESAMPLES).items()
     ]
-
-
-def per_image_scores(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    """Dice and IoU of each image's thresholded mask (1 where both masks are empty)."""
-    pred, truth = (probs > threshold).flatten(1).float(), target.flatten(1).float()
-    inter, total = (pred * truth).sum(1), pred.sum(1) + truth.sum(1)
-    empty = total == 0
-    dice = torch.where(empty, 1.0, 2 * inter / total.clamp_min(1))
-    return {"dice": dice, "iou": torch.where(empty, 1.0, inter / (total - inter).clamp_min(1))}
 
 
 def write_segmentation_report(
@@ -311,7 +309,8 @@ class EvaluationReport(L.Callback):
 
     Args:
         stages: when to report: ``validate``, ``test``, ``fit`` (the last validation epoch of a fit).
-        num_images: rows of the segmentation overlay grid (the first images of the split).
+        num_images: panels of the figures: ``worst_cases.png`` (the lowest per-image Dice, or the most confident
+            errors) and the segmentation ``overlays.png`` (the first images of the split).
     """
 
     def __init__(
@@ -330,7 +329,8 @@ class EvaluationReport(L.Callback):
         if not trainer.sanity_checking and trainer.state.fn.value in self.stages:
             metrics = {"images": SumMetric(), "probs": CatMetric("disable"), "target": CatMetric("disable")}
             metrics |= {"dice": CatMetric("disable"), "iou": CatMetric("disable")}
-            self._states = {k: m.to(pl_module.device) for k, m in metrics.items()} | {"overlays": [], "external": {}}
+            self._states = {k: m.to(pl_module.device) for k, m in metrics.items()}
+            self._states |= {"first": [], "worst": [], "external": {}}
 
     def _collect(self, pl_module: L.LightningModule, outputs: Mapping[str, Any], batch: Any) -> None:
         if self._states is None:
@@ -348,14 +348,29 @@ class EvaluationReport(L.Callback):
         if pl_module.task == "classification":
             self._states["probs"].update(probs)
             self._states["target"].update(target)
+            confidence, predicted = probs.max(1)
+            score = torch.where(predicted != target, -confidence, torch.inf)  # the most confident errors first
+            extra = {"true": target, "pred": predicted, "p": confidence}
+        else:
+            threshold = pl_module.describe()["threshold"]
+            scores = per_image_scores(probs, target, threshold)
+            for key, values in scores.items():
+                self._states[key].update(values)
+            score, extra = scores["dice"], {"truth": target > 0.5, "pred": probs > threshold}
+        if "image" not in batch:  # cached features: no pictures to show
             return
-        threshold = pl_module.describe()["threshold"]
-        for key, values in per_image_scores(probs, target, threshold).items():
-            self._states[key].update(values)
-        take = self.num_images - sum(len(o[0]) for o in self._states["overlays"])
-        if take > 0:
-            pieces = (batch["image"][:take], target[:take].float(), (probs[:take] > threshold).float())
-            self._states["overlays"].append([p.cpu() for p in pieces])
+        paths, score = batch.get("path") or [str(i) for i in range(len(target))], score.float().cpu()
+
+        def item(i: int) -> dict[str, Any]:
+            picture = {"score": float(score[i]), "image": batch["image"][i].cpu(), "path": str(paths[i])}
+            return picture | {key: value[i].cpu() for key, value in extra.items()}
+
+        if pl_module.task != "classification":
+            first = self._states["first"]
+            first += [item(i) for i in range(min(self.num_images - len(first), len(target)))]
+        order = score.argsort()[: self.num_images].tolist()
+        worst = self._states["worst"] + [item(i) for i in order if score[i] < torch.inf]
+        self._states["worst"] = _lowest(worst, self.num_images)
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Compute on every rank (synchronised); write now, or at the end of fit."""
@@ -374,13 +389,18 @@ class EvaluationReport(L.Callback):
         elif images:
             values = {k.split("/", 1)[1]: float(v) for k, v in pl_module.stage_metrics(split).compute().items()}
             per_image = {k: self._states[k].compute() for k in ("dice", "iou")}
-            data = (values, images, self._states["overlays"], per_image)
-        self._pending = (split, data, external)
+            data = (values, images, self._states["first"], per_image)
+        worst = self._states["worst"]
+        if trainer.world_size > 1:  # every rank's worst images -> the worst of all
+            parts: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, worst)
+            worst = _lowest([item for part in parts for item in part], self.num_images)
+        self._pending = (split, data, external, worst)
         if trainer.state.fn.value != "fit":
             self._write(trainer, pl_module)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        split, data, external = self._pending
+        split, data, external, worst = self._pending
         self._pending = self._states = None
         out = Path(trainer.log_dir or trainer.default_root_dir) / f"report_{split}"  # log_dir is collective
         if not trainer.is_global_zero:
@@ -396,11 +416,19 @@ class EvaluationReport(L.Callback):
         info = pl_module.describe()
         if pl_module.task == "classification":
             rows = write_classification_report(*data, info["class_names"], out, title, note, info["temperature"])
+            errors = int((data[0].argmax(1) != data[1]).sum())
+            if worst:
+                what = f"The {len(worst)} most confident of {errors} errors ({len(data[1])} images)"
+                save_figure(error_figure(worst, info["class_names"]), out / "worst_cases.png", f"{title}\n{what}")
         else:
-            values, images, overlays, per_image = data
+            values, images, first, per_image = data
             rows = write_segmentation_report(values, images, info["threshold"], out, title, note, per_image)
-            if overlays:
-                Image.fromarray(overlay_grid(*(torch.cat(p) for p in zip(*overlays)))).save(out / "overlays.png")
+            shown = {"overlays.png": (first, "first {} of"), "worst_cases.png": (worst, "{} lowest per-image Dice of")}
+            for name, (items, what) in shown.items():
+                if items:
+                    fig = overlay_figure(*([it[k] for it in items] for k in ("image", "pred", "truth")),
+                                         names=[Path(it["path"]).name for it in items])  # fmt: skip
+                    save_figure(fig, out / name, f"{title}\nThe {what.format(len(items))} {images} images")
         files = {p.name: p for p in sorted(out.iterdir())}
         self.results[split], self.written[out.name] = rows, files
         log.info("Evaluation report written to %s: %s", out, ", ".join(sorted(files)))
@@ -418,6 +446,8 @@ class EvaluationReport(L.Callback):
             rows = write_classification_report(probs, target, names, out, title, note, info["temperature"])
             self.results[f"external/{source}"], self.written[out.name] = rows, {p.name: p for p in out.iterdir()}
             summary += external_summary(probs, target, names, source)
+        if len(external) > 1:  # every external film together: e.g. one hospital's COVID against all the normals
+            summary += external_summary(*(torch.cat(t) for t in zip(*external.values())), names, "pooled")
         md = f"# External test sets\n\n95% bootstrap intervals ({RESAMPLES} seeded resamples, percentile).\n\n"
         (base / "external_summary.md").write_text(md + to_markdown(summary, 3), encoding="utf-8")
         files = [write_csv(base / "external_summary.csv", summary), base / "external_summary.md"]

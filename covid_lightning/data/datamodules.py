@@ -52,7 +52,10 @@ class XRayDataModule(L.LightningDataModule):
         test_fraction: share of each class held out for testing.
         seed: seed of the split, of the shuffling and of the augmentation.
         split_file: a ``split.csv`` written by an earlier run: reuse that exact split.
-        augment: train-time augmentation (X-ray-safe).
+        augment: train-time augmentation (X-ray-safe); ``acquisition`` adds resampling, JPEG, blur/noise and border
+            crops that erase where a film was made and processed.
+        intensity: ``clahe`` or ``equalize`` (histogram) after the resize, for every split; linked to the model, so
+            export and serving apply it too.
         predict_root: for ``predict``: one PNG/JPEG/DICOM file, or a folder of them (recursive).
         demo_size: images per class of the demo dataset (``root`` None).
         on_bad_file: ``error`` stops naming each unreadable file, ``skip`` drops, counts and logs them.
@@ -78,7 +81,8 @@ class XRayDataModule(L.LightningDataModule):
         test_fraction: float = 0.0,
         seed: int = 42,
         split_file: str | None = None,
-        augment: Literal["none", "light", "strong"] = "light",
+        augment: Literal["none", "light", "strong", "acquisition"] = "light",
+        intensity: Literal["none", "clahe", "equalize"] = "none",
         predict_root: str | None = None,
         demo_size: int = 100,
         on_bad_file: Literal["error", "skip"] = "error",
@@ -214,14 +218,14 @@ class XRayDataModule(L.LightningDataModule):
             paths = [Record(p, 0) for p in list_predict_images(hp.predict_root)]
             kept = screen_records(paths, on_bad_file=hp.on_bad_file, duplicates="none").records
             self.datasets["predict"] = ImageFolderDataset(
-                [r.path for r in kept], eval_transform(hp.image_size), roi=self._roi()
+                [r.path for r in kept], eval_transform(hp.image_size, hp.intensity), roi=self._roi()
             )
             return
         if "train" in self.datasets:
             return
         size = hp.image_size
-        transforms = {"train": build_transform(size, train=True, augment=hp.augment)}
-        transforms |= {"val": eval_transform(size), "test": eval_transform(size)}
+        transforms = {"train": build_transform(size, train=True, augment=hp.augment, intensity=hp.intensity)}
+        transforms |= {"val": eval_transform(size, hp.intensity), "test": eval_transform(size, hp.intensity)}
         if hp.streaming:
             from covid_lightning.data.streaming import copy_manifest, streaming_datasets
 
@@ -345,13 +349,14 @@ class RadiographyDataModule(XRayDataModule):
 
     Args:
         balance: ``none``; ``loss`` / ``loss_sqrt`` (class-weighted loss, inverse frequency or its square root);
-            ``sampler`` (class-balanced epochs); or per-class loss weights.
+            ``sampler`` (class-balanced epochs); ``logit_adjust`` (the loss adds the log train-class prior to the
+            logits, Menon et al. 2021: predictions favour rare classes by their rarity); or per-class loss weights.
         external: external test sets (dataset folders or manifests), each scored apart by ``test``, all its images.
     """
 
     def __init__(
         self,
-        balance: Literal["none", "loss", "loss_sqrt", "sampler"] | Sequence[float] = "none",
+        balance: Literal["none", "loss", "loss_sqrt", "sampler", "logit_adjust"] | Sequence[float] = "none",
         external: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
@@ -365,7 +370,9 @@ class RadiographyDataModule(XRayDataModule):
         super().setup(stage)
         if stage in ("test", None) and not any(k.startswith("external/") for k in self.datasets):
             for name, records in self._external_records().items():
-                self.datasets[f"external/{name}"] = XRayDataset(records, eval_transform(self.hparams.image_size), False)
+                self.datasets[f"external/{name}"] = XRayDataset(
+                    records, eval_transform(self.hparams.image_size, self.hparams.intensity), roi=self._roi()
+                )
 
     def _external_records(self) -> dict[str, list[Record]]:
         """Each external source's screened records, labelled in the data's classes, by source name."""
@@ -412,7 +419,7 @@ class RadiographyDataModule(XRayDataModule):
     def class_weights(self) -> list[float] | None:
         """The classifier's loss weights (linked to ``model.class_weights``): None unless ``balance`` asks."""
         weights = self.hparams.balance
-        if weights in ("none", "sampler"):
+        if weights in ("none", "sampler", "logit_adjust"):
             return None
         if weights not in ("loss", "loss_sqrt"):
             return [float(w) for w in weights]
@@ -420,6 +427,14 @@ class RadiographyDataModule(XRayDataModule):
         present = sum(1 for c in counts if c > 0)
         power = 0.5 if weights == "loss_sqrt" else 1.0  # the square root corrects less: fewer false minority calls
         return [(sum(counts) / (present * c)) ** power if c > 0 else 0.0 for c in counts]
+
+    @property
+    def class_prior(self) -> list[float] | None:
+        """The train split's class frequencies for ``balance: logit_adjust`` (linked to ``model.class_prior``)."""
+        if self.hparams.balance != "logit_adjust":
+            return None
+        counts = np.asarray(list(self.class_counts.values()), dtype=float)
+        return (counts.clip(min=1) / counts.clip(min=1).sum()).tolist()
 
 
 class LungSegmentationDataModule(XRayDataModule):

@@ -21,6 +21,13 @@ COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_
 Source = str | Path | bytes | memoryview
 #: scale, shift (of the size), rotation (degrees) and probability of the affine, brightness/contrast, gamma (%)
 AUGMENT_LIMITS = {"light": (0.05, 0.04, 5, 0.5, 0.1, 10), "strong": (0.1, 0.06, 10, 0.7, 0.15, 20)}
+AUGMENT_LIMITS["acquisition"] = (0.1, 0.06, 10, 0.7, 0.2, 30)  # with :func:`acquisition_cues` first
+#: intensity standardisation after the resize, the same in training, evaluation, export and serving
+INTENSITY = {
+    "none": [],
+    "clahe": [A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=1.0)],
+    "equalize": [A.Equalize(p=1.0)],
+}
 #: the file's own channels and depth, no EXIF rotation (PIL never rotates either)
 _CV2_FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
 _CV2_TO_RGB = {3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
@@ -191,24 +198,40 @@ def _named(decode: Callable[[Source], np.ndarray], path: str | Path, kind: str) 
         raise ImageReadError(f"Cannot decode {kind} {path}: {err}. Remove or replace the file.") from err
 
 
-def build_transform(image_size: int, *, train: bool = False, augment: str = "none") -> A.Compose:
-    """Resize, augment when training (X-ray-safe: no flips), to a uint8 CHW tensor."""
+def acquisition_cues() -> list[A.BasicTransform]:
+    """Erase what a film's acquisition and processing leave (DeGrave et al. 2021): resampling, JPEG, blur/noise,
+    border crops; brightness, contrast and gamma are in the affine presets' steps."""
+    return [
+        A.CropAndPad(percent=(-0.08, 0.0), keep_size=True, p=0.5),  # borders: markers, collimation edges
+        A.Downscale(scale_range=(0.3, 0.9), p=0.5),
+        A.ImageCompression(quality_range=(30, 95), p=0.5),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08), per_channel=False)], p=0.5),
+    ]
+
+
+def build_transform(
+    image_size: int, *, train: bool = False, augment: str = "none", intensity: str = "none"
+) -> A.Compose:
+    """Resize, augment when training (X-ray-safe: no flips), standardise intensity, to a uint8 CHW tensor."""
     if augment not in ("none", *AUGMENT_LIMITS):
-        raise ValueError(f"Unknown augment {augment!r}; choose none, light or strong.")
+        raise ValueError(f"Unknown augment {augment!r}; choose none, {', '.join(AUGMENT_LIMITS)}.")
+    if intensity not in INTENSITY:
+        raise ValueError(f"Unknown intensity {intensity!r}; choose {', '.join(INTENSITY)}.")
     steps: list[A.BasicTransform] = [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
     ]
     if train and augment != "none":
         scale, shift, turn, p, light, gamma = AUGMENT_LIMITS[augment]
         affine = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0, "p": p}
+        steps += acquisition_cues() if augment == "acquisition" else []
         steps += [
             A.Affine(scale=(1 - scale, 1 + scale), translate_percent=(-shift, shift), rotate=(-turn, turn), **affine),
             A.RandomBrightnessContrast(brightness_limit=light, contrast_limit=light),
             A.RandomGamma(gamma_limit=(100 - gamma, 100 + gamma), p=0.3),
         ]
-    return A.Compose([*steps, ToTensorV2()], is_check_shapes=False)
+    return A.Compose([*steps, *INTENSITY[intensity], ToTensorV2()], is_check_shapes=False)
 
 
-def eval_transform(image_size: int) -> A.Compose:
+def eval_transform(image_size: int, intensity: str = "none") -> A.Compose:
     """The deterministic preprocessing of validation, test, predict and :mod:`covid_lightning.inference`."""
-    return build_transform(image_size)
+    return build_transform(image_size, intensity=intensity)

@@ -100,7 +100,8 @@ class XRayModule(L.LightningModule):
 
     def describe(self) -> dict[str, Any]:
         """Kind, input size and what outputs mean (class names or mask threshold): for /info, contracts, reports."""
-        return {"kind": self.kind, "task": self.task, "image_size": int(self.hparams.get("image_size", 0))}
+        info = {"kind": self.kind, "task": self.task, "image_size": int(self.hparams.get("image_size", 0))}
+        return info | {"intensity": str(self.hparams.get("intensity", "none"))}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Network output -> probabilities (softmax over classes, or per-pixel sigmoid)."""

@@ -52,10 +52,13 @@ class XRayClassifier(XRayModule):
         flavor: ``keras`` = Keras-equivalent backbone for Keras weights; ``auto``: ``keras`` for ``.h5`` files.
         normalization: ``auto`` follows the weights; ``unit`` is the lab's /255 on purpose.
         image_size: square input size (linked from ``data.image_size`` by the CLI; stored for inference).
+        intensity: the input's intensity standardisation (linked from ``data.intensity``; stored for inference).
         hidden_sizes: widths of the head's hidden Dense layers.
         dropout: dropout after each hidden Dense layer.
         trainable: ``head``, ``last_conv``, ``last_2_conv``, ``last_4_blocks`` or ``all`` (frozen BN stays in eval).
         class_weights: per-class loss weights; the CLI links them from ``data.class_weights``.
+        class_prior: train class frequencies; when given the training loss is logit-adjusted (``CE(logits + log
+            prior)``, Menon et al. 2021) and predictions use the raw logits. Linked from ``data.class_prior``.
         label_smoothing: cross-entropy label smoothing.
         calibrate: fit a softmax temperature on the validation NLL each epoch (Guo et al., 2017); argmax unchanged.
         backbone_lr_factor: the trainable backbone layers get ``lr * backbone_lr_factor``.
@@ -80,10 +83,12 @@ class XRayClassifier(XRayModule):
         flavor: Literal["auto", "timm", "keras"] = "auto",
         normalization: Literal["auto", "unit", "imagenet", "keras"] = "auto",
         image_size: int = 224,
+        intensity: Literal["none", "clahe", "equalize"] = "none",
         hidden_sizes: Sequence[int] = (1024, 512),
         dropout: float = 0.0,
         trainable: str = "head",
         class_weights: Sequence[float] | None = None,
+        class_prior: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
         calibrate: bool = True,
         backbone_lr_factor: float = 1.0,
@@ -127,6 +132,10 @@ class XRayClassifier(XRayModule):
             raise ValueError(f"class_weights has {len(class_weights)} values, expected {num_classes}.")
         weight = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
+        if class_prior is not None and len(class_prior) != num_classes:
+            raise ValueError(f"class_prior has {len(class_prior)} values, expected {num_classes}.")
+        offset = None if class_prior is None else torch.as_tensor(list(class_prior), dtype=torch.float32).log()
+        self.register_buffer("prior_offset", offset, persistent=False)
         self.label_smoothing = label_smoothing
         self.register_buffer("temperature", torch.ones(()), persistent=False)  # in the checkpoint's own key
         self.val_logits, self.val_labels = CatMetric(), CatMetric()  # synchronised across ranks
@@ -203,7 +212,8 @@ class XRayClassifier(XRayModule):
             logits = self(batch["image"]).float()
         weight = self.class_weight if stage == "train" else None
         smoothing = self.label_smoothing if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+        adjusted = logits + self.prior_offset if stage == "train" and self.prior_offset is not None else logits
+        loss = F.cross_entropy(adjusted, labels, weight=weight, label_smoothing=smoothing)
         self._check_finite(loss, stage)
         probs = self.probabilities(logits)
         self.stage_metrics(stage).update(probs, labels)

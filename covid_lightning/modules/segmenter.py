@@ -40,6 +40,7 @@ class LungSegmenter(XRayModule):
         encoder_weights_file: local encoder state dict (offline machines).
         normalization: input normalisation (``auto``: imagenet for a pretrained encoder, else x/255).
         image_size: square input size (linked from ``data.image_size``; stored for inference).
+        intensity: the input's intensity standardisation (linked from ``data.intensity``; stored for inference).
         loss: ``bce`` (the lab's) or ``bce_dice`` (BCE + smp DiceLoss).
         threshold: probability above which a pixel is lung.
         model_kwargs: extra architecture arguments (e.g. ``{batch_norm: true}`` for ``seed_unet``).
@@ -62,6 +63,7 @@ class LungSegmenter(XRayModule):
         encoder_weights_file: str | None = None,
         normalization: Literal["auto", "unit", "imagenet", "keras"] = "auto",
         image_size: int = 128,
+        intensity: Literal["none", "clahe", "equalize"] = "none",
         loss: Literal["bce", "bce_dice"] = "bce",
         threshold: float = 0.5,
         model_kwargs: dict[str, Any] | None = None,

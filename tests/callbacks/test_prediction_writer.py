@@ -1,4 +1,4 @@
-"""PredictionWriter: CSVs, original-size masks, Grad-CAM overlays, gathering the ranks' rows, the CLI path."""
+"""PredictionWriter: CSVs, original-size masks, Grad-CAM and contour figures, gathering the ranks, the CLI path."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier
+from covid_lightning import gradcam as gradcam_module
+from covid_lightning.callbacks import prediction_writer
 from covid_lightning.callbacks.prediction_writer import PredictionWriter
 from covid_lightning.inference import classify, segment
 
@@ -69,10 +71,30 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_classifier_csv_and_gradcam(classifier_ckpt: Path, predict_root: Path, tmp_path: Path):
+def _titles(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[str]:
+    """Record the panel titles of the figures ``module.<name>`` draws (still drawing them)."""
+    titles, draw = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        fig = draw(*args, **kwargs)
+        titles.append(fig.axes[0].get_title())
+        return fig
+
+    monkeypatch.setattr(module, name, spy)
+    return titles
+
+
+def _assert_figure_png(path: Path) -> None:
+    with Image.open(path) as im:  # a titled figure (not the bare image at its own size)
+        assert im.mode in ("RGB", "RGBA") and min(im.size) > 300
+        assert np.asarray(im.convert("L")).std() > 10
+
+
+def test_classifier_csv_and_gradcam(classifier_ckpt: Path, predict_root: Path, tmp_path: Path, monkeypatch):
     model = XRayClassifier.load_from_checkpoint(classifier_ckpt)
     dm = RadiographyDataModule(predict_root=str(predict_root), image_size=64, batch_size=4, num_workers=0)
     writer = PredictionWriter(gradcam=True)
+    captions = _titles(monkeypatch, gradcam_module, "gradcam_figure")
     _trainer(tmp_path, writer).predict(model, datamodule=dm, return_predictions=False)
 
     out = tmp_path / "predictions"  # the default: <default_root_dir>/predictions (no logger)
@@ -92,14 +114,19 @@ def test_classifier_csv_and_gradcam(classifier_ckpt: Path, predict_root: Path, t
         ["COVID/COVID-1.png", "COVID/scan two.png", "Normal/sub/Normal-1.png", "Normal-2.jpg.png",
          "Normal-2.png.png", "Viral Pneumonia/Viral Pneumonia-1.png"]
     )  # fmt: skip
-    with Image.open(out / "gradcam" / "Normal/sub/Normal-1.png") as im:
-        assert im.mode == "RGB" and im.size == (240, 180)
+    _assert_figure_png(out / "gradcam" / "Normal/sub/Normal-1.png")
+    # each figure is captioned with its file name, the CSV's predicted class and that class's probability there
+    expected = [f"{Path(r['path']).name}\npredicted {r['predicted']} (p {float(r[r['predicted']]):.3f})" for r in rows]
+    assert sorted(captions) == sorted(expected)
 
 
-def test_segmenter_masks_at_original_size(segmenter_ckpt: Path, predict_root: Path, tmp_path: Path):
+def test_segmenter_masks_at_original_size_and_overlays(
+    segmenter_ckpt: Path, predict_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     model = LungSegmenter.load_from_checkpoint(segmenter_ckpt)
     dm = LungSegmentationDataModule(predict_root=str(predict_root), image_size=64, batch_size=4, num_workers=0)
-    writer = PredictionWriter(output_dir=str(tmp_path / "out"))
+    writer = PredictionWriter(output_dir=str(tmp_path / "out"), overlays=True)
+    titles = _titles(monkeypatch, prediction_writer, "overlay_figure")
     _trainer(tmp_path, writer).predict(model, datamodule=dm, return_predictions=False)
 
     out = tmp_path / "out"
@@ -121,6 +148,12 @@ def test_segmenter_masks_at_original_size(segmenter_ckpt: Path, predict_root: Pa
         # the same mask as the Python API
         expected = segment(model, predict_root / row["path"])
         assert np.mean((mask == 255) != expected) < 1e-3
+    # overlays/: the predicted contour on each image, at the mask's relative path, titled with the file name only
+    overlays = {p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png")}
+    assert overlays == {r["mask_path"].replace("masks/", "overlays/", 1) for r in rows}
+    empty = {Path(r["path"]).name: float(r["lung_fraction"]) == 0 for r in rows}  # (the demo model finds little)
+    assert sorted(titles) == sorted(f"{n}\nno lung predicted" if empty[n] else n for n in empty)
+    _assert_figure_png(out / "overlays" / "Normal/sub/Normal-1.png")
 
 
 def test_multi_rank_epoch_end_gathers_on_rank0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -139,11 +172,17 @@ def test_multi_rank_epoch_end_gathers_on_rank0(tmp_path: Path, monkeypatch: pyte
     assert writer.csv_path == tmp_path / "lung_area.csv"
 
 
-def test_gradcam_needs_a_classifier(segmenter_ckpt: Path, predict_root: Path, tmp_path: Path):
+def test_gradcam_needs_a_classifier_and_overlays_a_segmenter(
+    classifier_ckpt: Path, segmenter_ckpt: Path, predict_root: Path, tmp_path: Path
+):
     model = LungSegmenter.load_from_checkpoint(segmenter_ckpt)
     dm = LungSegmentationDataModule(predict_root=str(predict_root), image_size=64, num_workers=0)
     with pytest.raises(ValueError, match="classifier"):
         _trainer(tmp_path, PredictionWriter(gradcam=True)).predict(model, datamodule=dm, return_predictions=False)
+    model = XRayClassifier.load_from_checkpoint(classifier_ckpt)
+    dm = RadiographyDataModule(predict_root=str(predict_root), image_size=64, num_workers=0)
+    with pytest.raises(ValueError, match="needs a segmenter"):
+        _trainer(tmp_path, PredictionWriter(overlays=True)).predict(model, datamodule=dm, return_predictions=False)
 
 
 def test_lightning_predict_cli(classifier_ckpt: Path, demo_root: Path, predict_root: Path, tmp_path: Path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -13,10 +14,12 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from covid_lightning import LungSegmentationDataModule, LungSegmenter, RadiographyDataModule, XRayClassifier
+from covid_lightning.callbacks import reports
 from covid_lightning.callbacks.reports import (
     EvaluationReport,
     classification_table,
     confusion_matrix,
+    error_figure,
     to_markdown,
     to_text,
 )
@@ -171,15 +174,73 @@ def _assert_png(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def test_classifier_test_and_validate_write_reports(classifier_ckpt: Path, demo_root: Path, tmp_path: Path):
+def test_error_figure_titles_and_lowest_keeps_one_item_per_path():
+    errors = [
+        {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "path": "/x/a/a-12.png", "true": 0, "pred": 2, "p": 0.9}
+    ]
+    assert error_figure(errors, NAMES).axes[0].get_title() == "a-12.png\ntrue a\npredicted c, p 0.90"
+    items = [{"path": p, "score": s} for p, s in (("a", 0.5), ("b", 0.1), ("a", 0.5), ("c", 0.9))]
+    assert [i["path"] for i in reports._lowest(items, 2)] == ["b", "a"]  # a repeated image counts once
+
+
+def _collected(task: str, batches: list[tuple[torch.Tensor, torch.Tensor, list[str]]]) -> dict:
+    """What EvaluationReport keeps for its figures after ``batches`` of (probs, target, paths), 2 panels."""
+    report = EvaluationReport(num_images=2)
+    module = SimpleNamespace(task=task, device=torch.device("cpu"), describe=lambda: {"threshold": 0.5})
+    report._start(
+        SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn=SimpleNamespace(value="test"))), module
+    )
+    for probs, target, paths in batches:
+        image = torch.zeros(len(paths), 3, 4, 4, dtype=torch.uint8)
+        report._collect(module, {"probs": probs, "target": target}, {"image": image, "path": paths})
+    return {k: [(Path(i["path"]).name, round(i["score"], 3)) for i in report._states[k]] for k in ("first", "worst")}
+
+
+def test_figures_keep_the_first_and_the_worst_images_across_batches():
+    truth = torch.zeros(1, 4, 4)
+    truth[0, :2] = 1
+    half = truth.clone()
+    half[0, :, 2:] = 0
+    good, bad, part = truth, torch.zeros_like(truth), half  # Dice 1, 0, 2 * 4 / 12
+    batches = [(torch.stack([good, part, bad]), torch.stack([truth] * 3), ["a.png", "b.png", "c.png"]),
+               (torch.stack([part, bad, good]), torch.stack([truth] * 3), ["d.png", "c.png", "f.png"])]  # fmt: skip
+    kept = _collected("segmentation", batches)
+    assert kept["first"] == [("a.png", 1.0), ("b.png", 0.667)]
+    assert kept["worst"] == [("c.png", 0.0), ("b.png", 0.667)]  # lowest Dice first; the repeated c.png once
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])  # true 0, 0, 1: errors at p 0.8 and 0.6
+    kept = _collected("classification", [(probs, torch.tensor([0, 0, 1]), ["x.png", "y.png", "z.png"])])
+    assert kept == {"first": [], "worst": [("y.png", -0.8), ("z.png", -0.6)]}  # the most confident errors first
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list:
+    """Record the figures ``reports.<name>`` draws (with their arguments) while still drawing them."""
+    drawn, draw = [], getattr(reports, name)
+    monkeypatch.setattr(reports, name, lambda *a, **kw: drawn.append((draw(*a, **kw), a, kw)) or drawn[-1][0])
+    return drawn
+
+
+def test_classifier_test_and_validate_write_reports(
+    classifier_ckpt: Path, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     model = XRayClassifier.load_from_checkpoint(classifier_ckpt)
     dm = RadiographyDataModule(root=str(demo_root), test_fraction=0.25, image_size=64, num_workers=0, batch_size=4)
-    report = EvaluationReport()
+    report = EvaluationReport(num_images=3)
     trainer = _trainer(tmp_path, [report])
+    drawn = _spy(monkeypatch, "error_figure")
     [logged] = trainer.test(model, dm)
 
     out = Path(trainer.log_dir) / "report_test"
-    assert {p.name for p in out.iterdir()} == CLASSIFICATION_FILES
+    cm = model.confusion_matrices["test"].numpy()
+    assert np.trace(cm) < cm.sum()  # the demo checkpoint errs: worst_cases.png (the most confident errors) is written
+    assert {p.name for p in out.iterdir()} == CLASSIFICATION_FILES | {"worst_cases.png"}
+    [(fig, (shown, names), _)] = drawn
+    assert 0 < len(shown) <= 3 and all(int(e["true"]) != int(e["pred"]) for e in shown)
+    assert [e["p"] for e in shown] == sorted((e["p"] for e in shown), reverse=True)  # the most confident first
+    for ax, e in zip(fig.axes, shown):
+        assert (
+            ax.get_title().startswith(Path(e["path"]).name) and f"predicted {names[int(e['pred'])]}" in ax.get_title()
+        )
+    _assert_png(out / "worst_cases.png")
     for png in ("confusion_matrix.png", "roc.png", "reliability.png"):
         _assert_png(out / png)
     rows = {r["class"]: r for r in _read_csv(out / "classification_report.csv")}
@@ -240,17 +301,30 @@ def test_no_report_without_batches_or_during_fit_by_default(demo_root: Path, tmp
     assert default.written == {} and not (Path(trainer.log_dir) / "report_test").exists()
 
 
-def test_segmenter_test_writes_report(segmenter_ckpt: Path, demo_root: Path, tmp_path: Path):
+def test_segmenter_test_writes_report(
+    segmenter_ckpt: Path, demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     model = LungSegmenter.load_from_checkpoint(segmenter_ckpt)
     dm = LungSegmentationDataModule(root=str(demo_root), test_fraction=0.25, image_size=64, num_workers=0, batch_size=4)
     report = EvaluationReport(num_images=3)
     trainer = _trainer(tmp_path, [report])
+    drawn = _spy(monkeypatch, "overlay_figure")
     [logged] = trainer.test(model, dm)
 
     out = Path(trainer.log_dir) / "report_test"
-    files = {"segmentation_report.md", "segmentation_report.csv", "overlays.png", "intervals.csv"}
+    files = {"segmentation_report.md", "segmentation_report.csv", "overlays.png", "worst_cases.png", "intervals.csv"}
     assert {p.name for p in out.iterdir()} == files
-    assert _assert_png(out / "overlays.png") == (3 * 64, 3 * 64)  # 3 columns (image, truth, prediction), 3 rows
+    for png in ("overlays.png", "worst_cases.png"):
+        assert min(_assert_png(out / png)) > 3 * 64  # a figure of titled panels, not a bare grid of pixels
+    (first, *_), (worst, *_) = drawn  # overlays.png, then worst_cases.png
+    test_names = {r.path.name for r in dm.records["test"]}
+    titles = {fig: [ax.get_title() for ax in fig.axes] for fig in (first, worst)}
+    dice = {fig: {t.split("\n")[0]: float(t.split("Dice ")[1][:5]) for t in titles[fig]} for fig in (first, worst)}
+    assert len(dice[first]) == len(dice[worst]) == 3 and set(dice[worst]) <= test_names
+    assert list(dice[worst].values()) == sorted(dice[worst].values())  # the lowest per-image Dice first
+    assert all(d >= max(dice[worst].values()) for name, d in dice[first].items() if name not in dice[worst])
+    legend = [t.get_text() for t in worst.legends[0].get_texts()]
+    assert legend == ["truth", "prediction"]
     values = {r["metric"]: float(r["value"]) for r in _read_csv(out / "segmentation_report.csv")}
     for key in ("iou", "dice", "precision", "recall", "accuracy", "dice_per_image"):
         assert values[key] == pytest.approx(logged[f"test/{key}"], abs=1e-6)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from covid_lightning.data.streaming import decode_image, decode_mask
@@ -76,3 +77,22 @@ def test_unreadable_file_names_itself(tmp_path: Path):
         load_image(path)
     with pytest.raises(ImageReadError, match="broken.png"):
         decode_image(path.read_bytes(), "broken.png")
+
+
+def test_intensity_standardisation_and_acquisition_augment():
+    """``equalize`` spreads a narrow histogram, ``clahe`` changes it locally; unknown names are refused."""
+    from covid_lightning.data.transforms import build_transform, eval_transform
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(100, 140, (120, 100), dtype=np.uint8)  # a low-contrast film
+    image = np.repeat(gray[..., None], 3, axis=2)
+    plain, equal, clahe = (eval_transform(64, i)(image=image)["image"] for i in ("none", "equalize", "clahe"))
+    assert int(plain.max()) - int(plain.min()) < 45 and int(equal.max()) - int(equal.min()) > 200
+    assert not torch.equal(plain, clahe) and torch.equal(equal[0], equal[1])
+    augment = build_transform(64, train=True, augment="acquisition")
+    shapes = {tuple(augment(image=image)["image"].shape) for _ in range(10)}
+    assert shapes == {(3, 64, 64)}
+    with pytest.raises(ValueError, match="Unknown intensity 'gamma'"):
+        eval_transform(64, "gamma")
+    with pytest.raises(ValueError, match="acquisition"):
+        build_transform(64, train=True, augment="heavy")

@@ -87,12 +87,14 @@ def test_same_arrays_as_decode_and_resize(records: list[Record], storage: str, s
 
 
 @pytest.mark.parametrize("storage", ["memory", "disk"])
-@pytest.mark.parametrize("train", [False, True])
-def test_pipeline_gives_the_same_tensors(records: list[Record], storage: str, train: bool, tmp_path: Path):
+@pytest.mark.parametrize(("train", "augment"), [(False, "strong"), (True, "strong"), (True, "acquisition")])
+def test_pipeline_gives_the_same_tensors(
+    records: list[Record], storage: str, train: bool, augment: str, tmp_path: Path
+):
     """build_transform fed cached arrays == fed decoded files, augmentation (same seed) included."""
     size = 224
     images, masks = _build_both(records, size, storage, tmp_path)
-    transform = build_transform(size, train=train, augment="strong")
+    transform = build_transform(size, train=train, augment=augment, intensity="clahe" if train else "none")
     for i, r in enumerate(records):
         transform.set_random_seed(1000 + i)
         a = transform(image=load_image(r.path), mask=load_mask(r.mask_path))

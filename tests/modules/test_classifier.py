@@ -208,3 +208,54 @@ def test_default_optimizer_is_fused_adam_and_steps_like_the_per_tensor_loop():
     assert all(not torch.equal(v, start[k]) for k, v in model.net.head.state_dict().items())  # it trained
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_logit_adjusted_loss_uses_the_train_prior(tmp_path: Path):
+    """``balance: logit_adjust``: the data's train prior reaches the model; training adds log prior to the logits."""
+    root = make_demo_dataset(tmp_path / "uneven", n_per_class=12)
+    for path in sorted((root / "Viral Pneumonia" / "images").glob("*.png"))[4:]:
+        path.unlink()
+    dm = _dm(root, balance="logit_adjust", val_fraction=0.25)
+    counts = list(dm.class_counts.values())
+    assert dm.class_prior == pytest.approx([c / sum(counts) for c in counts]) and dm.class_weights is None
+    assert _dm(root, balance="loss").class_prior is None
+    model = XRayClassifier(pretrained=False, image_size=64, class_prior=dm.class_prior)
+    batch = {
+        "image": torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8),
+        "label": torch.tensor([0, 1, 2, 3, 3, 0]),
+    }
+    with torch.no_grad():
+        logits = model.eval()(batch["image"]).float()
+    prior = torch.tensor(dm.class_prior).log()
+    seen = {}
+    model._log_loss = lambda stage, loss, batch_size: seen.__setitem__(stage, loss.item())
+    for stage in ("train", "val"):
+        model.shared_step(batch, stage)
+    assert seen["train"] == pytest.approx(torch.nn.functional.cross_entropy(logits + prior, batch["label"]).item())
+    assert seen["val"] == pytest.approx(torch.nn.functional.cross_entropy(logits, batch["label"]).item())
+    cli = build_cli(["--config", str(REPO / "configs/demo/classification.yaml"), "--data.root", str(root),
+                     "--data.balance", "logit_adjust", "--data.val_fraction", "0.25"], run=False)  # fmt: skip
+    assert cli.model.hparams.class_prior == pytest.approx(dm.class_prior)
+    with pytest.raises(ValueError, match="class_prior has 2 values"):
+        XRayClassifier(pretrained=False, class_prior=[0.5, 0.5])
+
+
+def test_intensity_standardisation_travels_with_the_checkpoint(demo_root: Path, tmp_path: Path):
+    """``data.intensity`` is linked to the model and stored, so inference preprocesses as training did."""
+    from covid_lightning.data.transforms import eval_transform, load_image
+
+    out = tmp_path / "runs"
+    args = ["fit", "--config", str(REPO / "configs/demo/classification.yaml"), "--data.root", str(demo_root)]
+    args += ["--data.intensity", "clahe", "--data.image_size", "32", "--data.num_workers", "0"]
+    assert main([*args, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(out)]) == 0
+    ckpt = next(out.rglob("last.ckpt"))
+    model = load_checkpoint(ckpt)
+    assert model.hparams.intensity == "clahe" and model.describe()["intensity"] == "clahe"
+    path = next((demo_root / "COVID-19_Radiography_Dataset" / "COVID" / "images").glob("*.png"))
+    image = load_image(path)
+    plain, clahe = (eval_transform(32, i)(image=image)["image"] for i in ("none", "clahe"))
+    assert not torch.equal(plain, clahe)
+    with torch.no_grad():
+        expected = model.probabilities(model(clahe[None])).squeeze(0)
+    got = classify(model, path)
+    assert [got[c] for c in model.class_names] == pytest.approx(expected.tolist(), abs=1e-6)

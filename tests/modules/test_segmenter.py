@@ -7,6 +7,7 @@ from PIL import Image
 
 from covid_lightning import LungSegmentationDataModule, LungSegmenter
 from covid_lightning.callbacks import SegmentationOverlays
+from covid_lightning.callbacks.overlays import overlay_figure
 from covid_lightning.inference import load_checkpoint, segment
 from tests.helpers.trainers import quiet_trainer
 
@@ -82,6 +83,23 @@ def test_unknown_loss_and_arch_list_valid_names():
         LungSegmenter(arch="Unet3D")
 
 
+def test_overlay_figure_titles_dice_and_legend():
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    truth = torch.zeros(1, 8, 8)
+    truth[0, 2:6, 2:6] = 1  # 16 pixels
+    pred = torch.zeros(1, 8, 8)
+    pred[0, 2:6, 2:4] = 1  # 8 of them: Dice 2 * 8 / 24
+    fig = overlay_figure([image, image], [pred, truth], [truth, truth], names=["/data/COVID-12.png", "b.png"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["/data/COVID-12.png\nDice 0.667", "b.png\nDice 1.000"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["truth", "prediction"]
+    assert all(len(ax.collections) == 2 for ax in fig.axes)  # a contour each for the truth and the prediction
+    fig = overlay_figure([image, image], [pred, 0 * pred], names=["COVID-12.png", "b.png"])  # predict: no truth
+    assert [ax.get_title() for ax in fig.axes] == ["COVID-12.png", "b.png\nno lung predicted"]
+    assert [len(ax.collections) for ax in fig.axes] == [1, 0]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["prediction"]
+
+
 def test_checkpoint_round_trip_identical_masks(demo_root: Path, tmp_path: Path):
     overlays = SegmentationOverlays(num_images=3)
     model = LungSegmenter(image_size=64, model_kwargs={"batch_norm": True})
@@ -89,8 +107,8 @@ def test_checkpoint_round_trip_identical_masks(demo_root: Path, tmp_path: Path):
     dm = _dm(demo_root)
     trainer.fit(model, dm)
     assert overlays.last_path is not None and overlays.last_path.is_file()
-    grid = np.asarray(Image.open(overlays.last_path))
-    assert grid.shape == (3 * 64, 3 * 64, 3)
+    with Image.open(overlays.last_path) as im:  # 3 titled panels side by side, a legend below
+        assert im.mode in ("RGB", "RGBA") and im.size[0] > im.size[1] > 3 * 64
     path = tmp_path / "seg.ckpt"
     trainer.save_checkpoint(path)
     loaded = LungSegmenter.load_from_checkpoint(path).eval()
