@@ -54,6 +54,9 @@ INTERVAL_OF = {
     "test/f1_macro": "macro f1",
     "test/dice_per_image": "mean per-image Dice",
 }
+#: the external-summary metrics tabled per source (``lightning test --data.external``), their table's key prefix
+EXTERNAL_METRICS = ("sensitivity (COVID)", "specificity (Normal)", "balanced COVID vs Normal accuracy")
+EXTERNAL = "external/"
 #: the interval columns kept per metric in runs.csv
 BOUNDS = ("low", "high", "n")
 #: runs.csv columns that are not metrics
@@ -104,7 +107,7 @@ def run_once(config: str | None, row: Row, seed: int, out: Path, common: Sequenc
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         cli = build_cli(args, run=False)
     if cli.datamodule.hparams.get("lung_segmenter"):  # what `lightning fit` does first
-        attach_lung_masks(cli.datamodule, cli.datamodule.hparams.lung_segmenter, stage="fit")
+        attach_lung_masks(cli.datamodule, cli.datamodule.hparams.lung_segmenter)  # fit and test
     trainable = count_parameters(cli.model).trainable
     started = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -114,9 +117,10 @@ def run_once(config: str | None, row: Row, seed: int, out: Path, common: Sequenc
     best = best_epoch(epochs, cli.model.monitor, cli.model.monitor_mode)
     metrics = dict(epochs.get(best, {}))
     if cli.datamodule.records.get("test"):
-        [test] = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
-        metrics |= {k: float(v) for k, v in test.items()}
+        tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+        metrics |= {k: float(v) for test in tested for k, v in test.items()}  # one dict per test set
         metrics |= test_intervals(Path(cli.trainer.log_dir) / "report_test" / "intervals.csv")
+        metrics |= external_metrics(Path(cli.trainer.log_dir) / "external_summary.csv")
     params = f"{trainable:,}" if end == trainable else f"{trainable:,} -> {end:,}"
     return Run(row.name, seed, metrics, seconds, best, str(cli.trainer.log_dir), params), cli
 
@@ -136,6 +140,20 @@ def test_intervals(path: Path) -> dict[str, float]:
         if row and row["95% CI low"]:
             out |= {f"{key} low": float(row["95% CI low"]), f"{key} high": float(row["95% CI high"])}
             out[f"{key} n"] = float(row["n"])
+    return out
+
+
+def external_metrics(path: Path) -> dict[str, float]:
+    """``external/<source>/<metric>`` (and its ``low``/``high``/``n``) from ``lightning test``'s external summary."""
+    if not path.is_file():
+        return {}
+    out = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            key = f"{EXTERNAL}{r['source']}/{r['metric']}"
+            if r["metric"] in EXTERNAL_METRICS and r["value"] not in ("", "nan"):
+                out |= {key: float(r["value"]), f"{key} n": float(r["n"])}
+                out |= {f"{key} {b}": float(r[f"95% CI {b}"]) for b in ("low", "high")}
     return out
 
 
@@ -175,7 +193,16 @@ def summarize(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str]) -> 
 def write_outputs(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str], out: Path, title: str) -> Path:
     """``ablation.md`` (the table and each row's overrides) and ``runs.csv`` (every run) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", to_markdown(summarize(runs, rows, keys)), "Overrides per row:", ""]
+    inside = [k for k in keys if not k.startswith(EXTERNAL)]
+    lines = [f"# {title}", "", to_markdown(summarize(runs, rows, inside))]
+    external = [k for k in keys if k.startswith(EXTERNAL)] or sorted(
+        {k for r in runs for k in r.metrics if k.startswith(EXTERNAL) and k.rpartition(" ")[2] not in BOUNDS}
+    )
+    if external:  # one column per source and metric; COVID vs Normal by the larger of the two probabilities
+        found = summarize(runs, rows, external)
+        lines += ["External test sets (`data.external`; never used for selection):", "", to_markdown(found)]
+    keys = [*inside, *external]
+    lines += ["Overrides per row:", ""]
     for r in rows:
         shown = " ".join(["--config", r.config, *r.args] if r.config else r.args)
         lines.append(f"- **{r.name}**: `{shown or '(the config as is)'}`")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from covid_lightning.data.demo import make_demo_dataset
 from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def test_cells_carry_the_seeds_mean_interval_over_images_and_n():
     assert cells["test/acc"] == "0.850 ± 0.071 [0.750, 0.930] n=20 (n < 30)"
 
 
-@pytest.mark.parametrize("name", ["classification", "segmentation", "regimes", "imbalance"])
+@pytest.mark.parametrize("name", ["classification", "segmentation", "regimes", "imbalance", "generalisation"])
 def test_shipped_rows_load(name: str):
     rows = ablate.load_rows(REPO / "scripts" / "ablations" / f"{name}.yaml")
     assert len(rows) >= 3
@@ -47,7 +48,12 @@ def test_shipped_rows_load(name: str):
         assert staged[:2] == ["--model.trainable", "head"] and "StagedUnfreeze" in staged[2]
         assert '"unfreeze_at_epoch": 3' in staged[2]
     elif name == "imbalance":
-        assert [r.args for r in rows] == [["--data.balance", b] for b in ("none", "loss", "sampler", "loss_sqrt")]
+        balances = ("none", "loss", "sampler", "loss_sqrt", "logit_adjust")
+        assert [r.args for r in rows] == [["--data.balance", b] for b in balances]
+    elif name == "generalisation":
+        assert rows[0].args == [] and rows[-1].config == "configs/classification/head_only.yaml"
+        assert ["--data.intensity", "clahe"] in [r.args for r in rows]
+        assert any("acquisition" in r.args for r in rows)
     else:
         assert rows[0].args == []  # the recipe as is comes first
 
@@ -55,7 +61,12 @@ def test_shipped_rows_load(name: str):
 def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
     demo_root: Path, segmenter_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    """Every run also scores an external set (its lung masks computed too), tabled apart with intervals."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    other = make_demo_dataset(tmp_path / "elsewhere", n_per_class=2, seed=5)
+    external = tmp_path / "elsewhere.csv"
+    images = [(p, c) for c in ("COVID", "Normal") for p in sorted((other / c / "images").glob("*.png"))]
+    external.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in images))
     rows = tmp_path / "rows.yaml"
     rows.write_text(
         yaml.safe_dump(
@@ -66,7 +77,7 @@ def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
     args = ["--config", str(REPO / "configs/demo/classification.yaml"), "--rows", str(rows), "--seeds", "0", "1"]
     args += ["--out", str(out), "--data.root", str(demo_root), "--data.image_size", "64", "--data.num_workers", "0"]
     args += ["--data.test_fraction", "0.25", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
-    assert ablate.main(args) == 0
+    assert ablate.main([*args, "--data.external", f"[{external}]"]) == 0
 
     runs = _runs_csv(out)
     assert [(r["row"], r["seed"]) for r in runs] == [
@@ -80,13 +91,22 @@ def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
     assert len(splits) == 1  # every run reused the first run's split
     assert "test" in next(iter(splits))
     masks = list((tmp_path / "cache").rglob("*.png"))
-    assert len(masks) == 4 * 8  # the lungs-only row computed the lung masks of every demo image once
+    assert len(masks) == 4 * 8 + 4  # the lungs-only row computed the lung masks of every image once, external too
     table = (out / "ablation.md").read_text()
     assert "| whole film | " in table and "| lungs only | " in table and " ± " in table
     n_test = int(float(runs[0]["test/acc n"]))
     assert f"] n={n_test} (n < 30)" in table  # 95% intervals over the test images, with n
     assert all(float(r["test/acc low"]) <= float(r["test/acc"]) <= float(r["test/acc high"]) for r in runs)
     assert "test/balanced_acc" in runs[0] and "test/recall_Lung_Opacity" in runs[0]
+    # the external set: sensitivity, specificity and their mean per run, with intervals, in their own table
+    key = "external/elsewhere/balanced COVID vs Normal accuracy"
+    for r in runs:
+        spec = float(r["external/elsewhere/specificity (Normal)"])
+        sens = float(r["external/elsewhere/sensitivity (COVID)"])
+        assert float(r[key]) == pytest.approx((sens + spec) / 2) and float(r[f"{key} n"]) == 4
+        assert float(r[f"{key} low"]) <= float(r[key]) <= float(r[f"{key} high"])
+    external_table = table.split("External test sets")[1]
+    assert f"| {key} |" in external_table.splitlines()[2] and "] n=4 (n < 30)" in external_table
 
 
 def test_regime_table_on_demo_data(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
