@@ -37,9 +37,16 @@ def test_cells_carry_the_seeds_mean_interval_over_images_and_n():
     assert cells["test/acc"] == "0.850 ± 0.071 [0.750, 0.930] n=20 (n < 30)"
 
 
-@pytest.mark.parametrize("name", ["classification", "segmentation", "regimes", "imbalance", "generalisation"])
+@pytest.mark.parametrize(
+    "name", ["classification", "segmentation", "regimes", "imbalance", "generalisation", "source_heldout"]
+)
 def test_shipped_rows_load(name: str):
     rows = ablate.load_rows(REPO / "scripts" / "ablations" / f"{name}.yaml")
+    if name == "source_heldout":  # one row: the manifest's own split (validation on the other sample)
+        assert [r.args for r in rows] == [
+            ["--data.root", "runs/manifests/source_heldout.csv", "--data.split_file", "null"]
+        ]
+        return
     assert len(rows) >= 3
     if name == "regimes":
         assert [r.name for r in rows] == ["head", "last_conv", "last_2_conv", "all", "staged"]

@@ -28,7 +28,7 @@ from torchmetrics.functional.classification import (
 
 from covid_lightning.callbacks.overlays import overlay_figure, per_image_scores
 from covid_lightning.inference import to_rgb_uint8
-from covid_lightning.modules.metrics import bootstrap, classification_scores
+from covid_lightning.modules.metrics import bootstrap, classification_scores, pair_choice
 from covid_lightning.plotting import image_panels, save_figure
 
 #: bootstrap resamples (over images) behind every interval of a report; below ``FEW`` images a figure is flagged
@@ -249,28 +249,26 @@ def _lowest(items: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 def external_summary(
     probs: torch.Tensor, target: torch.Tensor, class_names: Sequence[str], source: str
 ) -> list[dict[str, Any]]:
-    """An external set's accuracy, balanced accuracy (classes present) and, deciding COVID vs Normal by the larger
-    of the two probabilities (``PairAccuracy``), sensitivity, specificity and their mean; each with its 95% interval."""
-    p_all, y_all = torch.as_tensor(probs).float().cpu().numpy(), torch.as_tensor(target).long().cpu().numpy()
-    names = [str(c) for c in class_names]
+    """An external set's accuracy, balanced accuracy (classes present) and, deciding COVID vs Normal by
+    :func:`pair_choice`, sensitivity, specificity and their mean; each with its 95% interval."""
+    probs, target = torch.as_tensor(probs).float().cpu(), torch.as_tensor(target).long().cpu()
+    names, y = [str(c) for c in class_names], target.numpy()
     pair = [names.index("COVID"), names.index("Normal")] if {"COVID", "Normal"} <= set(names) else []
     keys = ["sensitivity (COVID)", "specificity (Normal)", "balanced COVID vs Normal accuracy"][: 3 * bool(pair)]
+    headline = classification_scores(probs, target, names)
+    right = [(pair_choice(probs.numpy(), *pair) == y) & (y == c) for c in pair]  # per class of the pair: its hits
 
-    def scores(idx: np.ndarray) -> dict[str, float]:
-        p, y = p_all[idx], y_all[idx]
-        out = {"accuracy": np.mean(p.argmax(1) == y)}
-        out["balanced accuracy"] = np.mean([np.mean(p[y == c].argmax(1) == c) for c in np.unique(y)])
-        if pair:
-            choice = np.where(p[:, pair[0]] >= p[:, pair[1]], *pair)
-            recall = [np.mean(choice[y == c] == c) if (y == c).any() else np.nan for c in pair]
-            out |= dict(zip(keys, [*recall, np.mean(recall)]))
-        return {k: float(v) for k, v in out.items()}
+    def scores(idx: np.ndarray) -> dict[str, np.ndarray]:
+        with np.errstate(invalid="ignore"):  # no image of the class: NaN
+            recall = [hit[idx].sum(1) / (y[idx] == c).sum(1) for hit, c in zip(right, pair)]
+        out = {k.replace("_", " "): v for k, v in headline(idx).items() if k in ("accuracy", "balanced_accuracy")}
+        return out | dict(zip(keys, [*recall, sum(recall) / 2]))
 
-    counts = np.bincount(y_all, minlength=len(names))
+    counts = np.bincount(y, minlength=len(names))
     n = dict(zip(keys, [*counts[pair], counts[pair].sum()])) if pair else {}
     return [
-        {"source": source, "metric": k, "value": v, "95% CI low": lo, "95% CI high": hi, "n": int(n.get(k, len(y_all)))}
-        for k, (v, lo, hi) in bootstrap(scores, len(y_all), RESAMPLES).items()
+        {"source": source, "metric": k, "value": v, "95% CI low": lo, "95% CI high": hi, "n": int(n.get(k, len(y)))}
+        for k, (v, lo, hi) in bootstrap(scores, len(y), RESAMPLES).items()
     ]
 
 
@@ -289,7 +287,7 @@ def write_segmentation_report(
     md += ["them); mean per-image Dice averages each image's own Dice.", ""]
     if per_image:
         scores = {k: v.double().cpu().numpy() for k, v in per_image.items()}
-        found = bootstrap(lambda i: {k: float(v[i].mean()) for k, v in scores.items()}, images, RESAMPLES)
+        found = bootstrap(lambda i: {k: v[i].mean(1) for k, v in scores.items()}, images, RESAMPLES)
         intervals = [
             {"metric": f"mean per-image {'Dice' if k == 'dice' else 'IoU'}", "value": v, "95% CI low": lo}
             | {"95% CI high": hi, "n": images, "note": f"n < {FEW}" if images < FEW else ""}

@@ -132,6 +132,35 @@ def test_markdown_and_text_layout():
     assert "    accuracy" in text and "weighted avg" in text
 
 
+def test_external_summary_equals_a_hand_computation_resample_by_resample():
+    """Values and n by hand (COVID vs Normal: the larger of the two probabilities), and the intervals of the plain
+    seeded percentile bootstrap: one ``rng.integers`` draw per resample and metric, in that order."""
+    names = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (60,), generator=g)  # no Viral Pneumonia: balanced accuracy over the classes present
+    y[y == 0] = torch.where(torch.arange(int((y == 0).sum())) < 4, 0, 1)  # 4 COVID: absent from some resamples
+    probs = (torch.randn(60, 4, generator=g) + torch.nn.functional.one_hot(y, 4)).softmax(1)
+    p, t = probs.numpy(), y.numpy()
+
+    def by_hand(i: np.ndarray) -> dict[str, float]:
+        pred, pair, yi = p[i].argmax(1), np.where(p[i, 0] >= p[i, 2], 0, 2), t[i]
+        sens = np.mean(pair[yi == 0] == 0) if (yi == 0).any() else np.nan
+        spec = np.mean(pair[yi == 2] == 2) if (yi == 2).any() else np.nan
+        balanced = np.mean([np.mean(pred[yi == c] == c) for c in np.unique(yi)])
+        out = {"accuracy": np.mean(pred == yi), "balanced accuracy": balanced, "sensitivity (COVID)": sens}
+        return out | {"specificity (Normal)": spec, "balanced COVID vs Normal accuracy": (sens + spec) / 2}
+
+    rng = np.random.default_rng(0)
+    point = by_hand(np.arange(60))
+    draws = np.array([[by_hand(rng.integers(0, 60, 60))[k] for k in point] for _ in range(reports.RESAMPLES)])
+    low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+    rows = reports.external_summary(probs, y, names, "site")
+    assert [r["metric"] for r in rows] == list(point) and {r["source"] for r in rows} == {"site"}
+    assert [r["n"] for r in rows] == [60, 60, 4, int((t == 2).sum()), 4 + int((t == 2).sum())]
+    got = np.array([[r["value"], r["95% CI low"], r["95% CI high"]] for r in rows])
+    np.testing.assert_allclose(got, np.column_stack([list(point.values()), low, high]), rtol=1e-12)
+
+
 def test_text_is_sklearns_classification_report():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     g = torch.Generator().manual_seed(0)
