@@ -196,7 +196,7 @@ def write_outputs(runs: Sequence[Run], rows: Sequence[Row], keys: Sequence[str],
     inside = [k for k in keys if not k.startswith(EXTERNAL)]
     lines = [f"# {title}", "", to_markdown(summarize(runs, rows, inside))]
     external = [k for k in keys if k.startswith(EXTERNAL)] or sorted(
-        {k for r in runs for k in r.metrics if k.startswith(EXTERNAL) and k.rpartition(" ")[2] not in BOUNDS}
+        {k for r in runs for k in r.metrics if k.startswith(EXTERNAL) and k.split("/", 2)[-1] in EXTERNAL_METRICS}
     )
     if external:  # one column per source and metric; COVID vs Normal by the larger of the two probabilities
         found = summarize(runs, rows, external)
