@@ -100,8 +100,8 @@ def gradcam_figure(image: ImageLike, heatmap: np.ndarray, title: str, cmap: str 
     """The :func:`overlay_heatmap` of ``image`` titled ``title``, with a colour bar of the relevance scale."""
     overlay = overlay_heatmap(to_rgb_uint8(image), heatmap, cmap=cmap)
     fig, [ax] = image_panels([overlay], [title], 1, size=4.5)
-    shrink = 0.7 * min(1.0, overlay.shape[0] / overlay.shape[1])  # about as tall as the image
-    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax, label="Grad-CAM relevance, 0-1", shrink=shrink)
+    fig.set_size_inches(5.6, 4.5 * overlay.shape[0] / overlay.shape[1] + 0.9)  # the image's own aspect, no margins
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax, label="Grad-CAM relevance, 0-1", shrink=0.9)
     return fig
 
 
