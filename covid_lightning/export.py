@@ -266,15 +266,16 @@ def int8_path(onnx_path: str | Path) -> Path:
 
 
 def calibration_batches(
-    paths: Sequence[Path], image_size: int, count: int = 128, batch: int = 16, seed: int = 0, intensity: str = "none"
+    paths: Sequence[Path], spec: tuple[int, str], count: int = 128, batch: int = 16, seed: int = 0
 ) -> list[np.ndarray]:
-    """``count`` images drawn (seeded) from ``paths``, preprocessed as in validation: uint8 ``(N, 3, S, S)`` batches."""
+    """``count`` images drawn (seeded) from ``paths``, preprocessed as in validation for the model whose
+    :func:`~covid_lightning.inference.input_spec` is ``spec``: uint8 ``(N, 3, S, S)`` batches."""
     from covid_lightning.inference import preprocess
 
     if not paths:
         raise UserError("No calibration images: give a folder with PNG/JPEG radiographs.")
     chosen = random.Random(seed).sample(list(paths), min(count, len(paths)))
-    return [preprocess(chosen[i : i + batch], image_size, intensity).numpy() for i in range(0, len(chosen), batch)]
+    return [preprocess(chosen[i : i + batch], *spec).numpy() for i in range(0, len(chosen), batch)]
 
 
 def quantize_onnx(
@@ -355,7 +356,7 @@ def export(
         check_images: other images to compare int8 with float32 on.
     """
     from covid_lightning.data.scan import list_predict_images
-    from covid_lightning.inference import load_checkpoint
+    from covid_lightning.inference import input_spec, load_checkpoint
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
@@ -379,16 +380,14 @@ def export(
     paths = list_predict_images(calibrate)
     random.Random(0).shuffle(paths)
     calibration, check = paths[:calibration_images], paths[calibration_images:][:check_images]
-    size, intensity = model.describe()["image_size"], model.describe()["intensity"]
+    spec = input_spec(model)
     fp32 = folder / f"{ckpt.stem}.onnx"
-    int8 = quantize_onnx(
-        fp32, None, calibration_batches(calibration, size, count=len(calibration), intensity=intensity)
-    )
+    int8 = quantize_onnx(fp32, None, calibration_batches(calibration, spec, count=len(calibration)))
     print(int8, sidecar_path(int8), sep="\n")
     if not check:
         print("int8 vs float32: no images left for the check (the calibration used them all)")
         return 0
-    report = agreement(fp32, int8, calibration_batches(check, size, count=len(check), intensity=intensity))
+    report = agreement(fp32, int8, calibration_batches(check, spec, count=len(check)))
     figures = ", ".join(f"{k} {v:.4g}" for k, v in report.items() if k != "images")
     print(f"int8 vs float32 on {report['images']} images not used for calibration: {figures}")
     return 0

@@ -39,8 +39,10 @@ def preprocess(images: Sequence[ImageLike], image_size: int, intensity: str = "n
 
 
 def input_spec(model: Any) -> tuple[int, str]:
-    """A model's input size and intensity standardisation: what :func:`preprocess` needs to feed it."""
-    return int(model.hparams.image_size), str(model.hparams.get("intensity", "none"))
+    """A model's input size and intensity standardisation (from its ``describe()``): what :func:`preprocess`
+    needs to feed it."""
+    info = model.describe()
+    return int(info["image_size"]), str(info["intensity"])
 
 
 @torch.inference_mode()

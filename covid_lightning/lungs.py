@@ -15,7 +15,7 @@ from jsonargparse.typing import PositiveInt
 from PIL import Image
 
 from covid_lightning.data.roi import roi_mask_name
-from covid_lightning.data.scan import list_predict_images, read_records
+from covid_lightning.data.scan import list_predict_images
 from covid_lightning.data.transforms import ImageReadError, load_image
 from covid_lightning.inference import input_spec, load_checkpoint, predict_batch, preprocess
 from covid_lightning.runtime import cache_dir
@@ -83,13 +83,7 @@ def attach_lung_masks(
     datamodule: Any, segmenter_ckpt: str | Path, cache_root: str | Path | None = None, stage: str | None = None
 ) -> Path:
     """Compute the lung masks ``datamodule`` will use at ``stage`` and set ``hparams.lung_masks`` to their folder."""
-    predict_root = datamodule.hparams.get("predict_root")
-    paths = [] if stage == "predict" and predict_root else [r.path for r in datamodule._source().records]
-    if stage in ("test", None):  # external test sets go through the same lung ROI as the split
-        paths += [r.path for entry in datamodule.hparams.get("external", ()) for r in read_records(entry).records]
-    if predict_root and stage in ("predict", None):
-        paths += list_predict_images(predict_root)
-    folder = predict_lung_masks(segmenter_ckpt, paths, cache_root=cache_root)
+    folder = predict_lung_masks(segmenter_ckpt, datamodule.image_paths(stage), cache_root=cache_root)
     datamodule.hparams.lung_masks = str(folder)
     return folder
 

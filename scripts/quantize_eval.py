@@ -27,7 +27,7 @@ from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, Multi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
 from covid_lightning.export import agreement, calibration_batches, export_onnx, load_contract, quantize_onnx, session
-from covid_lightning.inference import preprocess
+from covid_lightning.inference import input_spec, preprocess
 
 
 def throughput(path: str | Path, images: np.ndarray, repeats: int = 5, threads: int | None = None) -> float:
@@ -95,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     if not test:
         raise SystemExit(f"{args.split} has no test rows.")
     model = load_checkpoint(args.ckpt)
-    size = model.describe()["image_size"]
+    spec = input_spec(model)
+    size = spec[0]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "model.onnx")
-        calibration = calibration_batches([r.path for r in train], size, count=args.calibration_images)
+        calibration = calibration_batches([r.path for r in train], spec, count=args.calibration_images)
         int8 = quantize_onnx(fp32, None, calibration)
-        test_batches = calibration_batches([r.path for r in test], size, count=len(test), batch=32)
+        test_batches = calibration_batches([r.path for r in test], spec, count=len(test), batch=32)
         agree = agreement(fp32, int8, test_batches)
         speed_batch = np.concatenate(test_batches)[: args.batch]
         speed_batch = np.resize(speed_batch, (args.batch, *speed_batch.shape[1:]))  # repeat up to --batch

@@ -75,6 +75,8 @@ def test_external_sets_are_reported_apart(demo_root, classifier_ckpt, sources, t
         probs = np.array([[p[c] for c in CLASSES] for p in classify(model, list(paths))])
         y = np.array([CLASSES.index(label) for label in labels])
         pred = probs.argmax(1)
+        # its own worst-cases panel (the most confident of its own errors), when it has errors
+        assert (run / f"report_external_{name}" / "worst_cases.png").is_file() == bool(np.any(pred != y)), name
         covid, normal = CLASSES.index("COVID"), CLASSES.index("Normal")
         pair = np.where(probs[:, covid] >= probs[:, normal], covid, normal)
         sens, spec = np.mean(pair[y == covid] == covid), np.mean(pair[y == normal] == normal)

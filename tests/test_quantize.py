@@ -37,7 +37,7 @@ def quantized(request: pytest.FixtureRequest, demo_root: Path, tmp_path_factory:
     fp32 = export_onnx(model, out / "model.onnx", checkpoint=ckpt)
     paths = list_predict_images(demo_root)
     size = int(model.hparams.image_size)
-    int8 = quantize_onnx(fp32, None, calibration_batches(paths, size, count=16, batch=8))
+    int8 = quantize_onnx(fp32, None, calibration_batches(paths, (size, "none"), count=16, batch=8))
     return request.param, model, fp32, int8, paths
 
 

@@ -241,6 +241,21 @@ def error_figure(errors: Sequence[Mapping[str, Any]], class_names: Sequence[str]
     return image_panels([to_rgb_uint8(e["image"]) for e in errors], titles)[0]
 
 
+def save_errors(
+    worst: Sequence[Mapping[str, Any]],
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    class_names: Sequence[str],
+    path: Path,
+    title: str,
+) -> None:
+    """``worst_cases.png``: the most confident errors, captioned with how many errors and images there were."""
+    if worst:
+        errors = int((probs.argmax(1) != target).sum())
+        what = f"The {len(worst)} most confident of {errors} errors ({len(target)} images)"
+        save_figure(error_figure(worst, class_names), path, f"{title}\n{what}")
+
+
 def _lowest(items: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     """The ``k`` items of lowest ``score``, one per ``path`` (the distributed sampler repeats images)."""
     return sorted({item["path"]: item for item in items}.values(), key=lambda item: item["score"])[:k]
@@ -328,7 +343,7 @@ class EvaluationReport(L.Callback):
             metrics = {"images": SumMetric(), "probs": CatMetric("disable"), "target": CatMetric("disable")}
             metrics |= {"dice": CatMetric("disable"), "iou": CatMetric("disable")}
             self._states = {k: m.to(pl_module.device) for k, m in metrics.items()}
-            self._states |= {"first": [], "worst": [], "external": {}}
+            self._states |= {"first": [], "worst": {}, "external": {}}  # worst cases by source
 
     def _collect(self, pl_module: L.LightningModule, outputs: Mapping[str, Any], batch: Any) -> None:
         if self._states is None:
@@ -341,15 +356,16 @@ class EvaluationReport(L.Callback):
                 external[source] = [CatMetric("disable").to(pl_module.device) for _ in range(2)]
             external[source][0].update(probs)
             external[source][1].update(target)
-            return
-        self._states["images"].update(len(target))
-        if pl_module.task == "classification":
+        elif pl_module.task == "classification":
+            self._states["images"].update(len(target))
             self._states["probs"].update(probs)
             self._states["target"].update(target)
+        if pl_module.task == "classification":
             confidence, predicted = probs.max(1)
             score = torch.where(predicted != target, -confidence, torch.inf)  # the most confident errors first
             extra = {"true": target, "pred": predicted, "p": confidence}
         else:
+            self._states["images"].update(len(target))
             threshold = pl_module.describe()["threshold"]
             scores = per_image_scores(probs, target, threshold)
             for key, values in scores.items():
@@ -367,8 +383,8 @@ class EvaluationReport(L.Callback):
             first = self._states["first"]
             first += [item(i) for i in range(min(self.num_images - len(first), len(target)))]
         order = score.argsort()[: self.num_images].tolist()
-        worst = self._states["worst"] + [item(i) for i in order if score[i] < torch.inf]
-        self._states["worst"] = _lowest(worst, self.num_images)
+        worst = self._states["worst"].get(source, []) + [item(i) for i in order if score[i] < torch.inf]
+        self._states["worst"][source] = _lowest(worst, self.num_images)
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Compute on every rank (synchronised); write now, or at the end of fit."""
@@ -389,10 +405,11 @@ class EvaluationReport(L.Callback):
             per_image = {k: self._states[k].compute() for k in ("dice", "iou")}
             data = (values, images, self._states["first"], per_image)
         worst = self._states["worst"]
-        if trainer.world_size > 1:  # every rank's worst images -> the worst of all
+        if trainer.world_size > 1:  # every rank's worst images -> the worst of all, per source
             parts: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(parts, worst)
-            worst = _lowest([item for part in parts for item in part], self.num_images)
+            sources = {source for part in parts for source in part}
+            worst = {s: _lowest([it for part in parts for it in part.get(s, [])], self.num_images) for s in sources}
         self._pending = (split, data, external, worst)
         if trainer.state.fn.value != "fit":
             self._write(trainer, pl_module)
@@ -404,7 +421,8 @@ class EvaluationReport(L.Callback):
         if not trainer.is_global_zero:
             return
         if external:
-            self._write_external(trainer, pl_module, external, out.parent)
+            self._write_external(trainer, pl_module, external, out.parent, worst)
+        worst = worst.get("in-distribution", [])
         if data is None:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -414,10 +432,7 @@ class EvaluationReport(L.Callback):
         info = pl_module.describe()
         if pl_module.task == "classification":
             rows = write_classification_report(*data, info["class_names"], out, title, note, info["temperature"])
-            errors = int((data[0].argmax(1) != data[1]).sum())
-            if worst:
-                what = f"The {len(worst)} most confident of {errors} errors ({len(data[1])} images)"
-                save_figure(error_figure(worst, info["class_names"]), out / "worst_cases.png", f"{title}\n{what}")
+            save_errors(worst, *data, info["class_names"], out / "worst_cases.png", title)
         else:
             values, images, first, per_image = data
             rows = write_segmentation_report(values, images, info["threshold"], out, title, note, per_image)
@@ -432,9 +447,15 @@ class EvaluationReport(L.Callback):
         log.info("Evaluation report written to %s: %s", out, ", ".join(sorted(files)))
 
     def _write_external(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, external: Mapping[str, Any], base: Path
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        external: Mapping[str, Any],
+        base: Path,
+        worst: Mapping[str, list[dict[str, Any]]],
     ) -> None:
-        """``report_external_<source>/`` per external test set, and ``external_summary.{csv,md}`` over them."""
+        """``report_external_<source>/`` per external test set (with its worst cases), and
+        ``external_summary.{csv,md}`` over them."""
         info, summary = pl_module.describe(), []
         note = f"Checkpoint: `{trainer.ckpt_path}`." if trainer.ckpt_path else ""
         for source, (probs, target) in external.items():
@@ -442,6 +463,7 @@ class EvaluationReport(L.Callback):
             out.mkdir(parents=True, exist_ok=True)
             title, names = f"{type(pl_module).__name__}, external test set {source}", info["class_names"]
             rows = write_classification_report(probs, target, names, out, title, note, info["temperature"])
+            save_errors(worst.get(source, []), probs, target, names, out / "worst_cases.png", title)
             self.results[f"external/{source}"], self.written[out.name] = rows, {p.name: p for p in out.iterdir()}
             summary += external_summary(probs, target, names, source)
         if len(external) > 1:  # every external film together: e.g. one hospital's COVID against all the normals

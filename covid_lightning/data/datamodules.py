@@ -20,7 +20,6 @@ from covid_lightning.data.roi import LungRoi, RoiMode
 from covid_lightning.data.scan import (
     DatasetError,
     Record,
-    Source,
     class_counts,
     list_predict_images,
     manifest_class_names,
@@ -133,9 +132,13 @@ class XRayDataModule(L.LightningDataModule):
         if not (self.hparams.root or self.hparams.streaming or self.hparams.manifest):
             self._data()
 
-    def _source(self) -> Source:
-        """The records of the data source, before screening and splitting."""
-        return read_records(self._data(), with_masks=self.with_masks)
+    def image_paths(self, stage: str | None = None) -> list[Path]:
+        """Every image file the DataModule reads at ``stage`` (None: all stages): what lung masks must exist for."""
+        predict_root = self.hparams.predict_root
+        paths = [] if stage == "predict" and predict_root else [r.path for r in self.selection.screening.records]
+        if predict_root and stage in ("predict", None):
+            paths += list_predict_images(predict_root)
+        return paths
 
     def data_classes(self) -> tuple[str, ...]:
         """The class names in label order: the stream's, the manifest's labels sorted, or the Kaggle four."""
@@ -207,6 +210,10 @@ class XRayDataModule(L.LightningDataModule):
             )
         return LungRoi(hp.lung_masks, hp.lung_roi, hp.lung_margin) if hp.lung_masks else None
 
+    def _eval_transform(self) -> Any:
+        """Resize (+ intensity standardisation): what every split but training, and predict, get."""
+        return eval_transform(self.hparams.image_size, self.hparams.intensity)
+
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage == "predict":
@@ -218,14 +225,14 @@ class XRayDataModule(L.LightningDataModule):
             paths = [Record(p, 0) for p in list_predict_images(hp.predict_root)]
             kept = screen_records(paths, on_bad_file=hp.on_bad_file, duplicates="none").records
             self.datasets["predict"] = ImageFolderDataset(
-                [r.path for r in kept], eval_transform(hp.image_size, hp.intensity), roi=self._roi()
+                [r.path for r in kept], self._eval_transform(), roi=self._roi()
             )
             return
         if "train" in self.datasets:
             return
         size = hp.image_size
         transforms = {"train": build_transform(size, train=True, augment=hp.augment, intensity=hp.intensity)}
-        transforms |= {"val": eval_transform(size, hp.intensity), "test": eval_transform(size, hp.intensity)}
+        transforms |= {"val": self._eval_transform(), "test": self._eval_transform()}
         if hp.streaming:
             from covid_lightning.data.streaming import copy_manifest, streaming_datasets
 
@@ -365,17 +372,25 @@ class RadiographyDataModule(XRayDataModule):
             raise DatasetError("data.balance sampler draws from files; a stream is read in its own order. Use files.")
         #: the test loaders' sources, in order: ``in-distribution`` (when there is a test split), then external ones
         self.test_sources: list[str] = ["in-distribution"]
+        self._external: dict[str, list[Record]] | None = None
+
+    def image_paths(self, stage: str | None = None) -> list[Path]:
+        """The split's (or predict's) files, and at ``test`` the external test sets' (same lung ROI for all)."""
+        paths = super().image_paths(stage)
+        if stage in ("test", None):
+            paths += [r.path for records in self._external_records().values() for r in records]
+        return paths
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in ("test", None) and not any(k.startswith("external/") for k in self.datasets):
             for name, records in self._external_records().items():
-                self.datasets[f"external/{name}"] = XRayDataset(
-                    records, eval_transform(self.hparams.image_size, self.hparams.intensity), roi=self._roi()
-                )
+                self.datasets[f"external/{name}"] = XRayDataset(records, self._eval_transform(), roi=self._roi())
 
     def _external_records(self) -> dict[str, list[Record]]:
-        """Each external source's screened records, labelled in the data's classes, by source name."""
+        """Each external source's screened records, labelled in the data's classes, by source name (read once)."""
+        if self._external is not None:
+            return self._external
         classes, found = self.data_classes(), {}
         for entry in self.hparams.external:
             source = read_records(entry, with_masks=False)
@@ -391,6 +406,7 @@ class RadiographyDataModule(XRayDataModule):
             kept = screen_records(source.records, on_bad_file=self.hparams.on_bad_file, duplicates="none").records
             found[name] = [Record(r.path, classes.index(r.class_name), None, r.class_name) for r in kept]
             log.info("External test set %s (%s): %s", name, entry, class_counts(found[name], classes))
+        self._external = found
         return found
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:

@@ -212,17 +212,24 @@ def test_error_figure_titles_and_lowest_keeps_one_item_per_path():
     assert [i["path"] for i in reports._lowest(items, 2)] == ["b", "a"]  # a repeated image counts once
 
 
-def _collected(task: str, batches: list[tuple[torch.Tensor, torch.Tensor, list[str]]]) -> dict:
-    """What EvaluationReport keeps for its figures after ``batches`` of (probs, target, paths), 2 panels."""
+def _collected(task: str, batches: list[tuple]) -> dict:
+    """What EvaluationReport keeps for its figures after ``batches`` of (probs, target, paths[, source]), 2 panels:
+    the first images and, per source, the worst."""
     report = EvaluationReport(num_images=2)
     module = SimpleNamespace(task=task, device=torch.device("cpu"), describe=lambda: {"threshold": 0.5})
     report._start(
         SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn=SimpleNamespace(value="test"))), module
     )
-    for probs, target, paths in batches:
+    for probs, target, paths, *source in batches:
         image = torch.zeros(len(paths), 3, 4, 4, dtype=torch.uint8)
-        report._collect(module, {"probs": probs, "target": target}, {"image": image, "path": paths})
-    return {k: [(Path(i["path"]).name, round(i["score"], 3)) for i in report._states[k]] for k in ("first", "worst")}
+        outputs = {"probs": probs, "target": target} | ({"source": source[0]} if source else {})
+        report._collect(module, outputs, {"image": image, "path": paths})
+
+    def names(items: list[dict]) -> list[tuple[str, float]]:
+        return [(Path(i["path"]).name, round(i["score"], 3)) for i in items]
+
+    worst = {f"worst {source}": names(items) for source, items in report._states["worst"].items()}
+    return {"first": names(report._states["first"])} | worst
 
 
 def test_figures_keep_the_first_and_the_worst_images_across_batches():
@@ -235,10 +242,22 @@ def test_figures_keep_the_first_and_the_worst_images_across_batches():
                (torch.stack([part, bad, good]), torch.stack([truth] * 3), ["d.png", "c.png", "f.png"])]  # fmt: skip
     kept = _collected("segmentation", batches)
     assert kept["first"] == [("a.png", 1.0), ("b.png", 0.667)]
-    assert kept["worst"] == [("c.png", 0.0), ("b.png", 0.667)]  # lowest Dice first; the repeated c.png once
+    assert kept["worst in-distribution"] == [("c.png", 0.0), ("b.png", 0.667)]  # lowest Dice first; c.png once
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])  # true 0, 0, 1: errors at p 0.8 and 0.6
-    kept = _collected("classification", [(probs, torch.tensor([0, 0, 1]), ["x.png", "y.png", "z.png"])])
-    assert kept == {"first": [], "worst": [("y.png", -0.8), ("z.png", -0.6)]}  # the most confident errors first
+    external = torch.tensor([[0.3, 0.7], [0.95, 0.05]])  # an external set's batch: true 0, 1, errors at 0.7, 0.95
+    kept = _collected(
+        "classification",
+        [
+            (probs, torch.tensor([0, 0, 1]), ["x.png", "y.png", "z.png"]),
+            (external, torch.tensor([0, 1]), ["e.png", "g.png"], "site_b"),
+        ],
+    )
+    # the most confident errors first, each source its own (an external report shows its own films)
+    assert kept == {
+        "first": [],
+        "worst in-distribution": [("y.png", -0.8), ("z.png", -0.6)],
+        "worst site_b": [("g.png", -0.95), ("e.png", -0.7)],
+    }
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list:
