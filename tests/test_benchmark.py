@@ -214,3 +214,22 @@ def test_machine_info_has_the_header_fields() -> None:
     info = bm.machine_info(bm.torch.device("cpu"), n=256)
     header = bm.format_header(info, bm.Settings())
     assert info["cpu"] in header and f"torch {info['torch_threads']}" in header and info["gpu"] is None
+
+
+def test_compiled_inference_rows_match_eager_per_precision() -> None:
+    """--compile: one inductor-frozen row per precision the machine runs, with the eager module's outputs."""
+    import torch
+
+    settings = bm.parse_settings(["--quick", "--device", "cpu", "--compile", "--precision", "32-true"])
+    images = bm.make_batches("unet", 1, 2, 32, seed=1)[0]["image"]
+    [row] = bm.compiled_rows("unet", images, settings)
+    assert (row["variant"], row["precision"], row["memory_format"]) == ("torch.compile", "32-true", "channels_last")
+    assert _positive(row["img_s"]) and _positive(row["setup_s"]) and "freezing" in row["note"]
+    eager = bm.ModelCase("unet").build(32).eval()
+    compiled = bm.ModelCase("unet", compile=True).build(32).eval()
+    compiled.configure_model()
+    import torch._inductor.config as inductor
+
+    with torch.inference_mode(), inductor.patch(freezing=True):
+        torch.testing.assert_close(compiled(images), eager(images), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
