@@ -43,7 +43,7 @@ class HttpConfig(NamedTuple):
     """What the HTTP process needs to check and preprocess a request (``app.state.covid_lightning``)."""
 
     image_size: int
-    intensity: str = "none"
+    intensity: str  # the model's, from input_spec: never a default that could differ from training
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
@@ -90,7 +90,7 @@ def image_bytes_from_json(body: bytes) -> bytes:
         _fail(400, f'"image" is not valid base64: {err}.')
 
 
-def decode_image(data: bytes, image_size: int, intensity: str = "none") -> dict[str, Any]:
+def decode_image(data: bytes, image_size: int, intensity: str) -> dict[str, Any]:
     """PNG/JPEG/DICOM bytes -> ``{"image": uint8 (3, S, S), "height", "width"}``, preprocessed as ``classify``."""
     dicom = has_dicom_magic(data)
     try:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from covid_lightning import CLASSES, __version__
 from covid_lightning.cli import main
-from covid_lightning.inference import classify, load_checkpoint, segment
+from covid_lightning.inference import classify, input_spec, load_checkpoint, segment
 from covid_lightning.serve import XRayAPI, decode_image, image_bytes_from_json, model_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,12 +117,25 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers(classifier_ckpt: Path, segmenter_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One classifier and one segmenter server for the module, started side by side."""
+def clahe_ckpt(classifier_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo classifier's weights as a model trained with ``data.intensity: clahe`` (the hparam the link sets)."""
+    import torch
+
+    ckpt = torch.load(classifier_ckpt, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["intensity"] = "clahe"
+    path = tmp_path_factory.mktemp("clahe") / "clahe.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(classifier_ckpt: Path, segmenter_ckpt: Path, clahe_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A classifier, a segmenter and a CLAHE classifier server for the module, started side by side."""
     folder = tmp_path_factory.mktemp("serve")
     started = {
         "classifier": Server(classifier_ckpt, folder / "classifier.log", "--max_bytes", str(MAX_BYTES)),
         "segmenter": Server(segmenter_ckpt, folder / "segmenter.log"),
+        "clahe": Server(clahe_ckpt, folder / "clahe.log"),
     }
     try:
         t0 = time.monotonic()
@@ -199,8 +212,7 @@ def test_cli_arguments_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture)
 def test_api_single_and_batched_paths_match_classify(classifier_ckpt: Path, images: list[Path]):
     """XRayAPI without HTTP: max_batch_size 1 (LitServe skips batch/unbatch) and a batch of 4."""
     model = load_checkpoint(classifier_ckpt)
-    size = model.hparams.image_size
-    payloads = [decode_image(p.read_bytes(), size) for p in images[:4]]
+    payloads = [decode_image(p.read_bytes(), *input_spec(model)) for p in images[:4]]
     single = XRayAPI(classifier_ckpt, max_batch_size=1)
     single.setup("cpu")
     batched = XRayAPI(classifier_ckpt, max_batch_size=4)
@@ -277,6 +289,22 @@ def test_classifier_answers_match_classify(servers, classifier_ckpt: Path, image
         status, answer = _post(port, json.dumps({"image": image}), "application/json")
         assert status == 200, answer
         assert np.allclose(list(answer["probs"].values()), list(expected[0].values()), rtol=0, atol=1e-5)
+
+
+def test_a_clahe_model_is_served_with_its_intensity_step(servers, clahe_ckpt: Path, classifier_ckpt: Path, images):
+    """The server standardises intensity as the model was trained: answers equal ``classify`` of the CLAHE model,
+    not of the same weights fed unstandardised images."""
+    status, body = _get(servers["clahe"].port, "/info")
+    assert status == 200 and json.loads(body)["model"]["intensity"] == "clahe"
+    clahe, plain = load_checkpoint(clahe_ckpt), load_checkpoint(classifier_ckpt)
+    differs = 0
+    for path in images[:6]:
+        status, answer = _post(servers["clahe"].port, path.read_bytes(), "image/png")
+        assert status == 200, answer
+        expected, unstandardised = classify(clahe, path), classify(plain, path)
+        assert np.allclose([answer["probs"][c] for c in expected], list(expected.values()), rtol=0, atol=1e-5)
+        differs += not np.allclose(list(expected.values()), list(unstandardised.values()), rtol=0, atol=1e-3)
+    assert differs > 0  # CLAHE changes the inputs enough to change the answers: the check above can fail
 
 
 def test_segmenter_answers_match_segment(servers, segmenter_ckpt: Path, images: list[Path], odd_images):

@@ -97,7 +97,7 @@ def test_one_decode_for_training_predict_inference_and_the_server(tmp_path: Path
     np.testing.assert_array_equal(load_image(nameless), rgb)
     assert list_predict_images(tmp_path / "in") == [path]  # listed by suffix
     assert list_predict_images(nameless) == [nameless]  # a single file is checked by content
-    served = decode_image(path.read_bytes(), 16)
+    served = decode_image(path.read_bytes(), 16, "none")
     assert "application/dicom" in RAW_CONTENT_TYPES
     assert (served["height"], served["width"]) == PIXELS.shape
     np.testing.assert_array_equal(served["image"], preprocess([rgb], 16)[0].numpy())
@@ -112,7 +112,7 @@ def test_the_server_takes_application_dicom(tmp_path: Path):
 
     def request(body: bytes, content_type: str) -> Request:
         app = type("App", (), {})()
-        app.state = type("State", (), {"covid_lightning": HttpConfig(image_size=16)})()
+        app.state = type("State", (), {"covid_lightning": HttpConfig(image_size=16, intensity="none")})()
         scope = {"type": "http", "method": "POST", "path": "/predict", "app": app,
                  "headers": [(b"content-type", content_type.encode())]}  # fmt: skip
         chunks = [{"type": "http.request", "body": body, "more_body": False}]
