@@ -305,14 +305,19 @@ def quantize_onnx(
     return _save_onnx(onnx.load(str(out)), out, contract | {"file": out.name, "quantization": quantization})
 
 
-def session(path: str | Path, threads: int | None = None) -> Any:
-    """A CPU ONNX Runtime session (``threads``: intra-op threads, default ONNX Runtime's)."""
+def session(path: str | Path, threads: int | None = None, cuda: bool = False) -> Any:
+    """An ONNX Runtime session on the CPU (``threads``: intra-op threads, default ONNX Runtime's; one inter-op
+    thread), or on CUDA first where ``cuda`` and that provider is installed."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def agreement(float_path: str | Path, int8_path_: str | Path, batches: Sequence[np.ndarray]) -> dict[str, Any]:

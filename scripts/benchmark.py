@@ -1173,18 +1173,6 @@ def compiled_rows(model: str, images: torch.Tensor, settings: Settings) -> list[
     return rows
 
 
-def _ort_session(path: Path, settings: Settings) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if settings.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
 def onnx_rows(model: str, images: torch.Tensor, settings: Settings) -> list[Row]:
     """ONNX Runtime on :func:`covid_lightning.export.export_onnx`'s graph (intra-op threads = torch's), fed the
     uint8 batch from host memory (``setup_s``: the export), then its int8 version
@@ -1199,6 +1187,7 @@ def onnx_rows(model: str, images: torch.Tensor, settings: Settings) -> list[Row]
             | {"note": f"skipped: {err}"}
         ]
     from covid_lightning.export import export_onnx, quantize_onnx
+    from covid_lightning.export import session as ort_session
 
     feed = {"image": images.cpu().contiguous().numpy()}
     rows = []
@@ -1210,7 +1199,7 @@ def onnx_rows(model: str, images: torch.Tensor, settings: Settings) -> list[Row]
         int8 = quantize_onnx(path, None, [feed["image"]])
         variants.append(("onnxruntime int8", "int8", int8, time.perf_counter() - start))
         for variant, precision, file, setup_s in variants:
-            session = _ort_session(file, settings)
+            session = ort_session(file, torch.get_num_threads(), cuda=settings.device.startswith("cuda"))
             timing = time_calls(
                 lambda s=session: s.run(None, feed), settings.warmup, settings.repeats, torch.device("cpu")
             )
