@@ -17,6 +17,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 from typing_extensions import Self
 
+from covid_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -25,6 +27,10 @@ MODEL_CLASS_KEY = "covid_lightning_model"
 
 #: Hyper-parameters that only matter when a model is first built (weights come from the checkpoint after).
 _BUILD_ONLY = {"pretrained": False, "pretrained_file": None, "encoder_weights": None, "encoder_weights_file": None}
+
+
+class InputMismatchError(UserError, ValueError):
+    """The data is prepared differently (size, intensity) from what the model was built to take."""
 
 
 def as_xray_module(model: Any, action: str = "use") -> XRayModule:
@@ -92,6 +98,19 @@ class XRayModule(L.LightningModule):
         self.auto_memory_format = memory_format == "auto"
         self.memory_format = MEMORY_FORMATS["channels_last" if self.auto_memory_format else memory_format]
         self.compile_model = compile_model
+
+    def setup(self, stage: str) -> None:
+        """Refuse a DataModule that prepares images differently from what this model takes: the checkpoint
+        records the model's size and intensity step, and inference, serving and export follow it (the CLI
+        links them; a Python user wiring both by hand may not)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        data, model = getattr(dm, "hparams", {}), self.hparams
+        for key in ("image_size", "intensity"):
+            if key in data and key in model and data[key] != model[key]:
+                raise InputMismatchError(
+                    f"The data's {key} ({data[key]}) is not the model's ({model[key]}): build the model with "
+                    f"{key}={data[key]!r} (the CLI links data.{key} to the model), or the data with {model[key]!r}."
+                )
 
     @property
     def kind(self) -> str:

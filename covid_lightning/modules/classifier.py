@@ -183,6 +183,7 @@ class XRayClassifier(XRayModule):
         return {"image_size": self.hparams.image_size, "mean": self.net.mean, "std": self.net.std}
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
         data_names = getattr(dm, "class_names", None) if stage != "predict" else None
         if data_names is not None and [str(n) for n in data_names] != [str(n) for n in self.class_names]:

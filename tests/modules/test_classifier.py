@@ -260,3 +260,15 @@ def test_intensity_standardisation_travels_with_the_checkpoint(demo_root: Path, 
         expected = model.probabilities(model(clahe[None])).squeeze(0)
     got = classify(model, path)
     assert [got[c] for c in model.class_names] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("key, data_value", [("image_size", 32), ("intensity", "clahe")])
+def test_data_prepared_unlike_the_model_is_refused(demo_root: Path, tmp_path: Path, key: str, data_value):
+    """Wired by hand (no CLI link), a DataModule whose size or intensity differs from the model's is refused
+    before training: the checkpoint would record the model's, and inference would follow it."""
+    from covid_lightning.modules.base import InputMismatchError
+
+    model = XRayClassifier(pretrained=False, image_size=64)
+    dm = RadiographyDataModule(root=str(demo_root), batch_size=8, num_workers=0, **{"image_size": 64, key: data_value})
+    with pytest.raises(InputMismatchError, match=f"data's {key}"):
+        _trainer(tmp_path, fast_dev_run=True).fit(model, dm)
