@@ -48,9 +48,9 @@ class HttpConfig(NamedTuple):
 
 
 def model_info(model: torch.nn.Module, ckpt: str | Path) -> dict[str, Any]:
-    """What ``GET /info`` reports under ``"model"``: the model's description, its checkpoint and our version."""
-    info = dict(as_xray_module(model, "serve").describe())
-    info["kind"] = info.pop("task")
+    """What ``GET /info`` reports under ``"model"``: the model's description (``kind`` as ``/predict`` names it),
+    its checkpoint and our version."""
+    info = as_xray_module(model, "serve").describe()
     return {**info, "checkpoint": str(Path(ckpt).expanduser().resolve()), "version": __version__}
 
 

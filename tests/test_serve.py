@@ -239,7 +239,8 @@ def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
     model = load_checkpoint(classifier_ckpt)
     classifier = model_info(model, classifier_ckpt)
     assert classifier == {
-        "kind": "classification",
+        "kind": "classifier",  # as /predict's answers name it
+        "task": "classification",
         "class_names": list(CLASSES),
         "temperature": pytest.approx(float(model.temperature)),
         "image_size": 64,
@@ -249,7 +250,8 @@ def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
     }
     segmenter = model_info(load_checkpoint(segmenter_ckpt), segmenter_ckpt)
     assert segmenter == {
-        "kind": "segmentation",
+        "kind": "segmenter",
+        "task": "segmentation",
         "threshold": 0.5,
         "image_size": 64,
         "intensity": "none",
