@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from covid_lightning.data.transforms import eval_transform, load_image, to_rgb_array
+from covid_lightning.errors import UserError
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -42,6 +43,12 @@ def input_spec(model: Any) -> tuple[int, str]:
     """A model's input size and intensity standardisation (from its ``describe()``): what :func:`preprocess`
     needs to feed it."""
     info = model.describe()
+    if info.get("lung_roi", "none") != "none":
+        raise UserError(
+            f"This {info['kind']} was trained on lung regions (lung_roi {info['lung_roi']}): whole images would "
+            "give it other inputs than it learned from. Predict with `lightning predict --config <its run>/config.yaml "
+            "--ckpt_path CKPT --data.predict_root IMAGES`: the config's data.lung_segmenter finds the lungs first."
+        )
     return int(info["image_size"]), str(info["intensity"])
 
 

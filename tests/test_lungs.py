@@ -128,3 +128,33 @@ def test_attach_lung_masks_covers_the_dataset(
     assert {p.name for p in folder.glob("*.png")} == {roi_mask_name(r.path) for r in records}  # no GT masks
     attach_lung_masks(dm, segmenter_ckpt, cache_root=tmp_path / "cache", stage="predict")
     assert len(list(folder.glob("*.png"))) == len(records) + len(images)
+
+
+def test_a_lungs_only_model_keeps_its_region(demo_root: Path, segmenter_ckpt: Path, tmp_path: Path, capsys) -> None:
+    """A classifier trained on lung crops records the region in its checkpoint: whole-image inference refuses it,
+    and ``test`` on whole films (or another region) is refused naming both; with the same region it runs."""
+    from covid_lightning.errors import UserError
+    from covid_lightning.inference import classify
+
+    repo = Path(__file__).resolve().parents[1]
+    base = ["--config", str(repo / "configs/demo/classification.yaml"), "--data.root", str(demo_root),
+            "--data.image_size", "32", "--data.num_workers", "0", "--data.test_fraction", "0.25",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    lungs_args = ["--data.lung_segmenter", str(segmenter_ckpt)]
+    fit = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    assert main(["fit", *base, *lungs_args, *fit, "--trainer.default_root_dir", str(tmp_path / "fit")]) == 0
+    ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
+    model = load_checkpoint(ckpt)
+    assert model.describe() | {"lung_roi": "crop", "lung_margin": 0.1} == model.describe()
+    with pytest.raises(UserError, match="trained on lung regions"):
+        classify(model, next(demo_root.rglob("*.png")))
+
+    capsys.readouterr()
+    test = ["test", *base, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(tmp_path / "test")]
+    assert main(test) == 2
+    assert "trained on lung regions (lung_roi crop, lung_margin 0.1); the data gives it whole films" in (
+        capsys.readouterr().err
+    )
+    assert main([*test, *lungs_args, "--data.lung_roi", "mask"]) == 2
+    assert "the data gives it lung regions (lung_roi mask" in capsys.readouterr().err
+    assert main([*test, *lungs_args]) == 0

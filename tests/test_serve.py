@@ -245,6 +245,7 @@ def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
         "temperature": pytest.approx(float(model.temperature)),
         "image_size": 64,
         "intensity": "none",  # what /predict applies after the resize, as in training
+        "lung_roi": "none",  # whole films (a lungs-only model is refused: serve has no lung segmenter)
         "checkpoint": str(classifier_ckpt.resolve()),
         "version": __version__,
     }
@@ -255,6 +256,7 @@ def test_model_info(classifier_ckpt: Path, segmenter_ckpt: Path):
         "threshold": 0.5,
         "image_size": 64,
         "intensity": "none",
+        "lung_roi": "none",
         "checkpoint": str(segmenter_ckpt.resolve()),
         "version": __version__,
     }

@@ -210,6 +210,14 @@ class XRayDataModule(L.LightningDataModule):
             )
         return LungRoi(hp.lung_masks, hp.lung_roi, hp.lung_margin) if hp.lung_masks else None
 
+    @property
+    def lung_region(self) -> dict[str, Any]:
+        """The lung region images are cut to (``lung_roi`` none: whole films); a model records it at fit."""
+        hp = self.hparams
+        if not (hp.lung_masks or hp.lung_segmenter):
+            return {"lung_roi": "none"}
+        return {"lung_roi": str(hp.lung_roi), "lung_margin": float(hp.lung_margin)}
+
     def _eval_transform(self) -> Any:
         """Resize (+ intensity standardisation): what every split but training, and predict, get."""
         return eval_transform(self.hparams.image_size, self.hparams.intensity)

@@ -25,6 +25,10 @@ MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.cont
 #: checkpoint key naming the model class that wrote it (``covid_lightning.inference.load_checkpoint``)
 MODEL_CLASS_KEY = "covid_lightning_model"
 
+#: checkpoint key of the lung region a model was trained on (:attr:`XRayDataModule.lung_region`)
+LUNG_REGION_KEY = "covid_lightning_lung_region"
+WHOLE_FILM = {"lung_roi": "none"}
+
 #: Hyper-parameters that only matter when a model is first built (weights come from the checkpoint after).
 _BUILD_ONLY = {"pretrained": False, "pretrained_file": None, "encoder_weights": None, "encoder_weights_file": None}
 
@@ -98,6 +102,9 @@ class XRayModule(L.LightningModule):
         self.auto_memory_format = memory_format == "auto"
         self.memory_format = MEMORY_FORMATS["channels_last" if self.auto_memory_format else memory_format]
         self.compile_model = compile_model
+        #: the lung region the model was trained on (whole films unless the data cut them): set at fit from the
+        #: DataModule, checkpointed, checked at test/predict, reported by :meth:`describe`
+        self.lung_region: dict[str, Any] = dict(WHOLE_FILM)
 
     def setup(self, stage: str) -> None:
         """Refuse a DataModule that prepares images differently from what this model takes: the checkpoint
@@ -111,6 +118,28 @@ class XRayModule(L.LightningModule):
                     f"The data's {key} ({data[key]}) is not the model's ({model[key]}): build the model with "
                     f"{key}={data[key]!r} (the CLI links data.{key} to the model), or the data with {model[key]!r}."
                 )
+        if stage == "fit" and hasattr(dm, "lung_region"):
+            self.lung_region = dict(dm.lung_region)
+
+    def _check_lung_region(self) -> None:
+        """Refuse data cut to another lung region than the model was trained on (runs after a checkpoint loads)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        region = getattr(dm, "lung_region", None)
+        if region is not None and region != self.lung_region:
+            raise InputMismatchError(
+                f"This model was trained on {_region_text(self.lung_region)}; the data gives it "
+                f"{_region_text(region)}. Set data.lung_segmenter (or data.lung_masks), data.lung_roi and "
+                "data.lung_margin as in training: the run's config.yaml holds them."
+            )
+
+    def on_validation_start(self) -> None:
+        self._check_lung_region()
+
+    def on_test_start(self) -> None:
+        self._check_lung_region()
+
+    def on_predict_start(self) -> None:
+        self._check_lung_region()
 
     @property
     def kind(self) -> str:
@@ -120,7 +149,7 @@ class XRayModule(L.LightningModule):
     def describe(self) -> dict[str, Any]:
         """Kind, input size and what outputs mean (class names or mask threshold): for /info, contracts, reports."""
         info = {"kind": self.kind, "task": self.task, "image_size": int(self.hparams.get("image_size", 0))}
-        return info | {"intensity": str(self.hparams.get("intensity", "none"))}
+        return info | {"intensity": str(self.hparams.get("intensity", "none"))} | self.lung_region
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Network output -> probabilities (softmax over classes, or per-pixel sigmoid)."""
@@ -284,6 +313,7 @@ class XRayModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the model class; reloading must not fetch pretrained weights again (they are in here)."""
         checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[LUNG_REGION_KEY] = dict(self.lung_region)
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             # LightningCLI (subclass mode) reads it back for `--ckpt_path`, also for checkpoints made in Python
@@ -291,3 +321,12 @@ class XRayModule(L.LightningModule):
             for key, value in _BUILD_ONLY.items():
                 if key in hparams:
                     hparams[key] = value
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.lung_region = dict(checkpoint.get(LUNG_REGION_KEY, WHOLE_FILM))
+
+
+def _region_text(region: dict[str, Any]) -> str:
+    if region.get("lung_roi", "none") == "none":
+        return "whole films"
+    return f"lung regions (lung_roi {region['lung_roi']}, lung_margin {region.get('lung_margin')})"
