@@ -43,7 +43,7 @@ def input_spec(model: Any) -> tuple[int, str]:
     """A model's input size and intensity standardisation (from its ``describe()``): what :func:`preprocess`
     needs to feed it."""
     info = model.describe()
-    if info.get("lung_roi", "none") != "none":
+    if info.get("lung_roi", "none") not in ("none", "unknown"):  # unknown: written before regions were recorded
         raise UserError(
             f"This {info['kind']} was trained on lung regions (lung_roi {info['lung_roi']}): whole images would "
             "give it other inputs than it learned from. Predict with `lightning predict --config <its run>/config.yaml "

@@ -158,3 +158,10 @@ def test_a_lungs_only_model_keeps_its_region(demo_root: Path, segmenter_ckpt: Pa
     assert main([*test, *lungs_args, "--data.lung_roi", "mask"]) == 2
     assert "the data gives it lung regions (lung_roi mask" in capsys.readouterr().err
     assert main([*test, *lungs_args]) == 0
+
+    # a checkpoint written before regions were recorded: unknown, nothing refused (it behaves as it did)
+    old = torch.load(ckpt, map_location="cpu", weights_only=False)
+    del old["covid_lightning_lung_region"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert load_checkpoint(tmp_path / "old.ckpt").describe()["lung_roi"] == "unknown"
+    assert main([*test[:-3], str(tmp_path / "old.ckpt"), *test[-2:]]) == 0

@@ -125,7 +125,7 @@ class XRayModule(L.LightningModule):
         """Refuse data cut to another lung region than the model was trained on (runs after a checkpoint loads)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
         region = getattr(dm, "lung_region", None)
-        if region is not None and region != self.lung_region:
+        if region is not None and self.lung_region["lung_roi"] != "unknown" and region != self.lung_region:
             raise InputMismatchError(
                 f"This model was trained on {_region_text(self.lung_region)}; the data gives it "
                 f"{_region_text(region)}. Set data.lung_segmenter (or data.lung_masks), data.lung_roi and "
@@ -323,7 +323,8 @@ class XRayModule(L.LightningModule):
                     hparams[key] = value
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.lung_region = dict(checkpoint.get(LUNG_REGION_KEY, WHOLE_FILM))
+        # checkpoints written before the region was recorded: unknown, not checked (they behave as they did)
+        self.lung_region = dict(checkpoint.get(LUNG_REGION_KEY, {"lung_roi": "unknown"}))
 
 
 def _region_text(region: dict[str, Any]) -> str:
