@@ -79,8 +79,7 @@ def segment(model: Any, image: ImageLike, return_probs: bool = False) -> np.ndar
     rgb = to_rgb_uint8(image)
     with torch.inference_mode():
         probs = model.eval().probabilities(model(preprocess([rgb], *input_spec(model)).to(model.device)))
-    probs = model.resize_probs(probs[0], rgb.shape[:2])
-    return probs > model.threshold, probs
+    return model.postprocess(probs, [rgb.shape[:2]])[0], model.resize_probs(probs[0], rgb.shape[:2])
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
