@@ -114,9 +114,10 @@ def run_once(config: str | None, row: Row, seed: int, out: Path, common: Sequenc
     seconds = time.perf_counter() - started
     end = count_parameters(cli.model).trainable
     epochs = read_epoch_metrics(Path(cli.trainer.log_dir) / "metrics.csv")
-    best = best_epoch(epochs, cli.model.monitor, cli.model.monitor_mode)
+    selector = cli.trainer.checkpoint_callback  # the epoch of the checkpoint tested below (--checkpoint.monitor)
+    best = best_epoch(epochs, selector.monitor, selector.mode)
     metrics = dict(epochs.get(best, {}))
-    if cli.datamodule.records.get("test"):
+    if cli.datamodule.has_test_split:
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
         metrics |= {k: float(v) for test in tested for k, v in test.items()}  # one dict per test set
         metrics |= test_intervals(Path(cli.trainer.log_dir) / "report_test" / "intervals.csv")

@@ -183,3 +183,27 @@ def test_summarize_rerenders_the_table_from_runs_csv(tmp_path: Path):
     assert ablate.main(["--rows", str(rows_file), "--out", str(out), "--title", "T", "--summarize"]) == 0
     assert (out / "ablation.md").read_text() == first
     assert "| b | 7 | 0.550 ± 0.071 |" in first and "- **c**: `--config other.yaml`" in first
+
+
+def test_the_val_row_is_the_epoch_of_the_tested_checkpoint(demo_root: Path, tmp_path: Path, monkeypatch):
+    """With ``--checkpoint.monitor`` overriding the model's monitor, the table's val figures and best epoch are
+    those of the checkpoint the runner tests (the checkpoint callback's choice), not the model default's."""
+    from covid_lightning.plotting import best_epoch, read_epoch_metrics
+
+    monkeypatch.chdir(tmp_path)
+    rows = tmp_path / "rows.yaml"
+    rows.write_text(yaml.safe_dump([{"name": "head"}]))
+    out = tmp_path / "by_loss"
+    argv = ["--config", str(REPO / "configs/classification/head_only.yaml"), "--rows", str(rows), "--seeds", "0",
+            "--out", str(out), "--keys", "val/acc", "val/loss", "--data.root", str(demo_root),
+            "--trainer.max_epochs", "3", "--model.pretrained", "false", "--data.image_size", "32",
+            "--data.num_workers", "0", "--data.test_fraction", "0.2", "--trainer.enable_model_summary", "false",
+            "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min"]  # fmt: skip
+    assert ablate.main(argv) == 0
+    [run] = _runs_csv(out)
+    epochs = read_epoch_metrics(Path(run["log_dir"]) / "metrics.csv")
+    by_loss = best_epoch(epochs, "val/loss", "min")
+    assert int(run["best_epoch"]) == by_loss
+    assert float(run["val/loss"]) == pytest.approx(epochs[by_loss]["val/loss"])
+    [best] = (Path(run["log_dir"]) / "checkpoints").glob("best-*.ckpt")
+    assert best.name.startswith(f"best-epoch{by_loss:02d}-loss")

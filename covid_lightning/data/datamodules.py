@@ -347,12 +347,19 @@ class XRayDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    @property
+    def has_test_split(self) -> bool:
+        """Whether the data has a test split (after ``setup``): test records, or a stream's test part."""
+        return "test" in self.datasets if self.hparams.streaming else bool(self.records.get("test"))
+
     def test_dataloader(self) -> DataLoader:
-        stream = self.hparams.streaming
-        if stream and "test" not in self.datasets:
-            raise DatasetError(f"{stream} has no test split: optimize it with --test_fraction > 0 (or use validate).")
-        if not stream and not self.records.get("test"):
-            raise DatasetError("No test split: set data.test_fraction > 0 (or use validate).")
+        if not self.has_test_split:
+            stream = self.hparams.streaming
+            raise DatasetError(
+                f"{stream} has no test split: optimize it with --test_fraction > 0 (or use validate)."
+                if stream
+                else "No test split: set data.test_fraction > 0 (or use validate)."
+            )
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
@@ -423,7 +430,7 @@ class RadiographyDataModule(XRayDataModule):
         if not external:
             self.test_sources = ["in-distribution"]
             return super().test_dataloader()
-        has_test = "test" in self.datasets if self.hparams.streaming else bool(self.records.get("test"))
+        has_test = self.has_test_split
         self.test_sources = ["in-distribution"] * has_test + [k.removeprefix("external/") for k in external]
         return [self._loader(k) for k in ["test"] * has_test + external]
 
