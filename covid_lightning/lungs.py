@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 from PIL import Image
 
+from covid_lightning.data.image_cache import atomic_path
 from covid_lightning.data.roi import roi_mask_name
 from covid_lightning.data.scan import list_predict_images
 from covid_lightning.data.transforms import ImageReadError, load_image
@@ -30,8 +30,11 @@ def checkpoint_key(path: str | Path) -> str:
 
 
 def _is_fresh(mask: Path, image: Path) -> bool:
+    """The mask was written after the image last changed: its content (mtime) or its file (ctime: a copy that
+    keeps an older mtime, ``cp -p``, unzip, rsync, still gets a new ctime)."""
     try:
-        return mask.stat().st_mtime_ns >= image.stat().st_mtime_ns
+        st = image.stat()
+        return mask.stat().st_mtime_ns >= max(st.st_mtime_ns, st.st_ctime_ns)
     except FileNotFoundError:
         return False
 
@@ -71,9 +74,8 @@ def predict_lung_masks(
         if rgbs:
             batch = preprocess(rgbs, *input_spec(model))
             for name, mask in zip(names, predict_batch(model.eval(), batch, [rgb.shape[:2] for rgb in rgbs])):
-                tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # then renamed: DDP ranks never see a torn file
-                Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
-                os.replace(tmp, out_dir / name)
+                with atomic_path(out_dir / name) as tmp:  # DDP ranks never see a torn file
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     done, reused = len(todo) - skipped, len(images) - len(todo)
     log.info("Lung masks: %d computed, %d reused, %d unreadable image(s) skipped -> %s", done, reused, skipped, out_dir)
     return out_dir

@@ -102,6 +102,14 @@ def test_second_call_decodes_nothing_and_changed_images_are_recomputed(
     }
     predict_lung_masks(segmenter_ckpt, images, cache_root=cache)
     assert seen == [1]  # fresh again
+
+    # an image replaced by a copy that keeps an older modification time (cp -p, unzip): recomputed too
+    replaced = images[1]
+    with Image.open(images[2]) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(replaced)
+    os.utime(replaced, ns=(earlier - 10**10, earlier - 10**10))
+    predict_lung_masks(segmenter_ckpt, images, cache_root=cache)
+    assert seen == [1, 1]
     assert LungRoi(folder, "crop")(np.zeros((299, 299, 3), np.uint8), changed).ndim == 3  # readable by the loader
 
 
