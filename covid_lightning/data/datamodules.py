@@ -26,7 +26,7 @@ from covid_lightning.data.scan import (
     read_records,
 )
 from covid_lightning.data.split import SPLITS, Selection, select_records, write_manifest
-from covid_lightning.data.transforms import build_transform, eval_transform
+from covid_lightning.data.transforms import Intensity, build_transform, eval_transform
 from covid_lightning.runtime import usable_cpus
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class XRayDataModule(L.LightningDataModule):
         seed: int = 42,
         split_file: str | None = None,
         augment: Literal["none", "light", "strong", "acquisition"] = "light",
-        intensity: Literal["none", "clahe", "equalize"] = "none",
+        intensity: Intensity = "none",
         predict_root: str | None = None,
         demo_size: int = 100,
         on_bad_file: Literal["error", "skip"] = "error",

@@ -6,7 +6,7 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -23,7 +23,8 @@ Source = str | Path | bytes | memoryview
 AUGMENT_LIMITS = {"light": (0.05, 0.04, 5, 0.5, 0.1, 10), "strong": (0.1, 0.06, 10, 0.7, 0.15, 20)}
 AUGMENT_LIMITS["acquisition"] = (0.1, 0.06, 10, 0.7, 0.2, 30)  # with :func:`acquisition_cues` first
 #: intensity standardisation after the resize, the same in training, evaluation, export and serving
-INTENSITY = {
+Intensity = Literal["none", "clahe", "equalize"]
+INTENSITY: dict[str, list[A.BasicTransform]] = {
     "none": [],
     "clahe": [A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=1.0)],
     "equalize": [A.Equalize(p=1.0)],

@@ -151,6 +151,14 @@ class XRayModule(L.LightningModule):
         info = {"kind": self.kind, "task": self.task, "image_size": int(self.hparams.get("image_size", 0))}
         return info | {"intensity": str(self.hparams.get("intensity", "none"))} | self.lung_region
 
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """What inference must feed the network (from :meth:`describe`, plus the normalisation inside it):
+        stored in the checkpoint, the input part of the export contract."""
+        info = self.describe()
+        keys = ("image_size", "intensity", "lung_roi", "lung_margin")
+        return {k: info[k] for k in keys if k in info} | {"mean": self.net.mean, "std": self.net.std}
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Network output -> probabilities (softmax over classes, or per-pixel sigmoid)."""
         raise NotImplementedError
@@ -314,6 +322,7 @@ class XRayModule(L.LightningModule):
         """Record the model class; reloading must not fetch pretrained weights again (they are in here)."""
         checkpoint[MODEL_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint[LUNG_REGION_KEY] = dict(self.lung_region)
+        checkpoint["preprocess"] = self.preprocess
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
             # LightningCLI (subclass mode) reads it back for `--ckpt_path`, also for checkpoints made in Python

@@ -23,6 +23,7 @@ from torchmetrics.classification import (
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from covid_lightning.constants import CLASSES
+from covid_lightning.data.transforms import Intensity
 from covid_lightning.errors import UserError
 from covid_lightning.models.classifier import REGIMES, XRayNet
 from covid_lightning.modules.base import XRayModule
@@ -83,7 +84,7 @@ class XRayClassifier(XRayModule):
         flavor: Literal["auto", "timm", "keras"] = "auto",
         normalization: Literal["auto", "unit", "imagenet", "keras"] = "auto",
         image_size: int = 224,
-        intensity: Literal["none", "clahe", "equalize"] = "none",
+        intensity: Intensity = "none",
         hidden_sizes: Sequence[int] = (1024, 512),
         dropout: float = 0.0,
         trainable: str = "head",
@@ -176,11 +177,6 @@ class XRayClassifier(XRayModule):
         if backbone:
             groups.append({"params": backbone, "name": "backbone", "lr_factor": self.hparams.backbone_lr_factor})
         return groups
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        """The preprocessing contract stored in the checkpoint: what inference must feed the model."""
-        return {"image_size": self.hparams.image_size, "mean": self.net.mean, "std": self.net.std}
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -291,7 +287,6 @@ class XRayClassifier(XRayModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["preprocess"] = self.preprocess
         checkpoint["temperature"] = float(self.temperature)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

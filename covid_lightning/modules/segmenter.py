@@ -15,6 +15,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryJaccardIndex, BinaryPrecision, BinaryRecall
 from torchmetrics.segmentation import DiceScore
 
+from covid_lightning.data.transforms import Intensity
 from covid_lightning.models.segmentation import SegmentationNet
 from covid_lightning.modules.base import XRayModule
 
@@ -63,7 +64,7 @@ class LungSegmenter(XRayModule):
         encoder_weights_file: str | None = None,
         normalization: Literal["auto", "unit", "imagenet", "keras"] = "auto",
         image_size: int = 128,
-        intensity: Literal["none", "clahe", "equalize"] = "none",
+        intensity: Intensity = "none",
         loss: Literal["bce", "bce_dice"] = "bce",
         threshold: float = 0.5,
         model_kwargs: dict[str, Any] | None = None,
@@ -106,11 +107,6 @@ class LungSegmenter(XRayModule):
                 compute_groups=False,
             )
         )
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        """The preprocessing contract stored in the checkpoint."""
-        return {"image_size": self.hparams.image_size, "mean": self.net.mean, "std": self.net.std}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Lung logits (N, 1, H, W) for uint8 (0..255) or float ([0, 1]) images (N, 3, H, W)."""
@@ -163,7 +159,3 @@ class LungSegmenter(XRayModule):
         if sizes is None:
             sizes = [tuple(probs.shape[-2:])] * len(probs)
         return [self.resize_probs(p, size) > self.threshold for p, size in zip(probs, sizes)]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["preprocess"] = self.preprocess

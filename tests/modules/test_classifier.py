@@ -272,3 +272,16 @@ def test_data_prepared_unlike_the_model_is_refused(demo_root: Path, tmp_path: Pa
     dm = RadiographyDataModule(root=str(demo_root), batch_size=8, num_workers=0, **{"image_size": 64, key: data_value})
     with pytest.raises(InputMismatchError, match=f"data's {key}"):
         _trainer(tmp_path, fast_dev_run=True).fit(model, dm)
+
+
+def test_the_intensity_choices_are_the_transforms_steps():
+    """One list of intensity options: the CLI type (models, data) is the transforms' table."""
+    from typing import get_args, get_type_hints
+
+    from covid_lightning.data.datamodules import XRayDataModule
+    from covid_lightning.data.transforms import INTENSITY, Intensity
+    from covid_lightning.modules.segmenter import LungSegmenter
+
+    assert set(get_args(Intensity)) == set(INTENSITY)
+    for cls in (XRayClassifier, LungSegmenter, XRayDataModule):
+        assert get_type_hints(cls.__init__)["intensity"] == Intensity, cls
