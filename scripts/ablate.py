@@ -127,7 +127,8 @@ def run_once(config: str | None, row: Row, seed: int, out: Path, common: Sequenc
 
 
 def test_intervals(path: Path) -> dict[str, float]:
-    """``{metric} low`` / ``{metric} high`` / ``{metric} n`` of a test report's 95% bootstrap intervals."""
+    """``{metric}`` with its ``low`` / ``high`` / ``n`` from a test report's 95% bootstrap intervals: the point
+    and its interval from one computation (the report's), so a cell never shows a mean outside its interval."""
     if not path.is_file():
         return {}
     with path.open(newline="", encoding="utf-8") as f:
@@ -139,8 +140,8 @@ def test_intervals(path: Path) -> dict[str, float]:
     for metric, key in names.items():
         row = found.get(metric)
         if row and row["95% CI low"]:
-            out |= {f"{key} low": float(row["95% CI low"]), f"{key} high": float(row["95% CI high"])}
-            out[f"{key} n"] = float(row["n"])
+            out |= {key: float(row["value"]), f"{key} low": float(row["95% CI low"])}
+            out |= {f"{key} high": float(row["95% CI high"]), f"{key} n": float(row["n"])}
     return out
 
 

@@ -103,7 +103,17 @@ def test_rows_over_seeds_share_one_split_and_run_the_lung_hook(
     assert "| whole film | " in table and "| lungs only | " in table and " ± " in table
     n_test = int(float(runs[0]["test/acc n"]))
     assert f"] n={n_test} (n < 30)" in table  # 95% intervals over the test images, with n
-    assert all(float(r["test/acc low"]) <= float(r["test/acc"]) <= float(r["test/acc high"]) for r in runs)
+    for r in runs:  # each cell's point and interval from one computation: the report's
+        report = {
+            row["metric"]: row for row in csv.DictReader((Path(r["log_dir"]) / "report_test" / "intervals.csv").open())
+        }
+        for key, metric in (
+            ("test/acc", "accuracy"),
+            ("test/balanced_acc", "balanced accuracy"),
+            ("test/f1_macro", "macro f1"),
+        ):
+            assert float(r[key]) == float(report[metric]["value"])
+            assert float(r[f"{key} low"]) <= float(r[key]) <= float(r[f"{key} high"])
     assert "test/balanced_acc" in runs[0] and "test/recall_Lung_Opacity" in runs[0]
     # the external set: sensitivity, specificity and their mean per run, with intervals, in their own table
     key = "external/elsewhere/balanced COVID vs Normal accuracy"
