@@ -77,8 +77,7 @@ def labelled_scores(path: str | Path, records: Sequence[Any], batch: int = 32) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from covid_lightning.data.scan import find_dataset_root
-    from covid_lightning.data.split import read_manifest
+    from covid_lightning.data.split import select_records
     from covid_lightning.inference import load_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
@@ -89,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="batch of the speed measurement")
     args = parser.parse_args(argv)
 
-    records, splits = read_manifest(args.split, find_dataset_root(args.root))
-    train = [r for r, s in zip(records, splits, strict=True) if s == "train"]
-    test = [r for r, s in zip(records, splits, strict=True) if s == "test"]
+    selection = select_records(args.root, masks=None, split_file=args.split, duplicates="none")
+    train, test = selection.records("train"), selection.records("test")
     if not test:
         raise SystemExit(f"{args.split} has no test rows.")
     model = load_checkpoint(args.ckpt)

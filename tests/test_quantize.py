@@ -117,3 +117,16 @@ def test_export_cli_quantizes(segmenter_ckpt: Path, demo_root: Path, tmp_path: P
     assert lines[:5] == [str(tmp_path / f"{stem}{s}") for s in files]
     assert lines[5].startswith("int8 vs float32 on 4 images not used for calibration: ") and "mask_dice" in lines[5]
     assert load_contract(tmp_path / f"{stem}.int8.onnx")["quantization"]["calibration_images"] == 8
+
+
+def test_quantize_eval_main_scores_the_split(classifier_ckpt: Path, demo_root: Path, tmp_path: Path, capsys) -> None:
+    """The research script reads its split the one way (select_records with the split file) and scores its test
+    rows: as many as the split holds."""
+    from covid_lightning.data.split import select_records, write_manifest
+
+    sel = select_records(demo_root, val_fraction=0.2, test_fraction=0.2, seed=0, duplicates="none")
+    split = write_manifest(tmp_path / "split.csv", sel.screening.records, sel.splits, sel.source.base)
+    argv = ["--ckpt", str(classifier_ckpt), "--root", str(demo_root), "--split", str(split)]
+    assert quantize_eval.main([*argv, "--calibration-images", "8", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"scored on {len(sel.records('test'))} test images" in out and "int8 vs float32" in out
