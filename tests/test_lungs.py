@@ -166,6 +166,12 @@ def test_a_lungs_only_model_keeps_its_region(demo_root: Path, segmenter_ckpt: Pa
     assert main([*test, *lungs_args, "--data.lung_roi", "mask"]) == 2
     assert "the data gives it lung regions (lung_roi mask" in capsys.readouterr().err
     assert main([*test, *lungs_args]) == 0
+    predict = ["predict", *base, *lungs_args, "--ckpt_path", str(ckpt), "--data.predict_root", str(demo_root / "COVID")]
+    assert main([*predict, "--trainer.default_root_dir", str(tmp_path / "p1")]) == 0  # the lung-region predictions
+    assert len(list((tmp_path / "p1").rglob("predictions.csv"))) == 1
+    capsys.readouterr()
+    gradcam = [*predict, "--predictions.gradcam", "true", "--trainer.default_root_dir", str(tmp_path / "p2")]
+    assert main(gradcam) == 2 and "--predictions.gradcam explains whole images" in capsys.readouterr().err
 
     # a checkpoint written before regions were recorded: unknown, nothing refused (it behaves as it did)
     old = torch.load(ckpt, map_location="cpu", weights_only=False)

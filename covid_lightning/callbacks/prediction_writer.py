@@ -65,6 +65,12 @@ class PredictionWriter(BasePredictionWriter):
         return p.relative_to(self._root).as_posix() if self._root and p.is_relative_to(self._root) else p.as_posix()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        region = pl_module.describe().get("lung_roi", "none")
+        if self.gradcam and region not in ("none", "unknown"):
+            raise UserError(
+                f"--predictions.gradcam explains whole images, and this model was trained on lung regions (lung_roi "
+                f"{region}): predict without it (the CSV holds the lung-region predictions)."
+            )
         log_dir = trainer.log_dir  # a collective call: all ranks
         default = Path(log_dir) if trainer.loggers and log_dir else Path(trainer.default_root_dir) / "predictions"
         self.out_dir = Path(self.output_dir).expanduser() if self.output_dir else default
