@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from covid_lightning.data.roi import cut_to_lungs
 from covid_lightning.data.transforms import eval_transform, load_image, to_rgb_array
 from covid_lightning.errors import UserError
 
@@ -43,7 +44,7 @@ def input_spec(model: Any) -> tuple[int, str]:
     """A model's input size and intensity standardisation (from its ``describe()``): what :func:`preprocess`
     needs to feed it."""
     info = model.describe()
-    if info.get("lung_roi", "none") not in ("none", "unknown"):  # unknown: written before regions were recorded
+    if cut_to_lungs(info):
         raise UserError(
             f"This {info['kind']} was trained on lung regions (lung_roi {info['lung_roi']}): whole images would "
             "give it other inputs than it learned from. Predict with `lightning predict --config <its run>/config.yaml "

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from covid_lightning.callbacks.overlays import overlay_figure
+from covid_lightning.data.roi import cut_to_lungs
 from covid_lightning.errors import UserError
 from covid_lightning.inference import to_rgb_uint8
 from covid_lightning.modules.base import as_xray_module
@@ -65,11 +66,11 @@ class PredictionWriter(BasePredictionWriter):
         return p.relative_to(self._root).as_posix() if self._root and p.is_relative_to(self._root) else p.as_posix()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        region = pl_module.describe().get("lung_roi", "none")
-        if self.gradcam and region not in ("none", "unknown"):
+        info = pl_module.describe()
+        if self.gradcam and cut_to_lungs(info):
             raise UserError(
                 f"--predictions.gradcam explains whole images, and this model was trained on lung regions (lung_roi "
-                f"{region}): predict without it (the CSV holds the lung-region predictions)."
+                f"{info['lung_roi']}): predict without it (the CSV holds the lung-region predictions)."
             )
         log_dir = trainer.log_dir  # a collective call: all ranks
         default = Path(log_dir) if trainer.loggers and log_dir else Path(trainer.default_root_dir) / "predictions"
@@ -94,7 +95,7 @@ class PredictionWriter(BasePredictionWriter):
             raise ValueError("PredictionWriter(gradcam=True) needs a classifier; this model has no class_names.")
         if self.overlays and self._task != "segmentation":
             raise ValueError("PredictionWriter(overlays=True) needs a segmenter; for a classifier use gradcam=True.")
-        classes = pl_module.describe().get("class_names", [])
+        classes = info.get("class_names", [])
         self._header = ["path", "predicted", *classes] if classes else ["path", "mask_path", "lung_fraction"]
         self._rows, self.csv_path = [], None
         # each input's output name; inputs that would share one (a.png, a.jpg) keep their suffix

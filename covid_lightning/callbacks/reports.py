@@ -356,16 +356,16 @@ class EvaluationReport(L.Callback):
                 external[source] = [CatMetric("disable").to(pl_module.device) for _ in range(2)]
             external[source][0].update(probs)
             external[source][1].update(target)
-        elif pl_module.task == "classification":
+        else:
             self._states["images"].update(len(target))
-            self._states["probs"].update(probs)
-            self._states["target"].update(target)
+            if pl_module.task == "classification":
+                self._states["probs"].update(probs)
+                self._states["target"].update(target)
         if pl_module.task == "classification":
             confidence, predicted = probs.max(1)
             score = torch.where(predicted != target, -confidence, torch.inf)  # the most confident errors first
             extra = {"true": target, "pred": predicted, "p": confidence}
-        else:
-            self._states["images"].update(len(target))
+        else:  # segmentation: in-distribution only (external sets are classification data)
             threshold = pl_module.describe()["threshold"]
             scores = per_image_scores(probs, target, threshold)
             for key, values in scores.items():

@@ -16,7 +16,7 @@ from covid_lightning.constants import CLASSES, DATASET_DIRNAME
 from covid_lightning.data.datasets import EpochSampler, FeatureDataset, ImageFolderDataset, XRayDataset
 from covid_lightning.data.demo import make_demo_dataset
 from covid_lightning.data.hygiene import screen_records
-from covid_lightning.data.roi import LungRoi, RoiMode
+from covid_lightning.data.roi import WHOLE_FILM, LungRoi, RoiMode
 from covid_lightning.data.scan import (
     DatasetError,
     Record,
@@ -215,7 +215,7 @@ class XRayDataModule(L.LightningDataModule):
         """The lung region images are cut to (``lung_roi`` none: whole films); a model records it at fit."""
         hp = self.hparams
         if not (hp.lung_masks or hp.lung_segmenter):
-            return {"lung_roi": "none"}
+            return dict(WHOLE_FILM)
         return {"lung_roi": str(hp.lung_roi), "lung_margin": float(hp.lung_margin)}
 
     def _eval_transform(self) -> Any:

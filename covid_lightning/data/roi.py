@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -16,6 +17,15 @@ from covid_lightning.data.transforms import load_mask
 log = logging.getLogger(__name__)
 
 RoiMode = Literal["crop", "mask", "crop_mask"]
+#: the lung region of whole films, and that of a checkpoint written before models recorded their region
+WHOLE_FILM, UNKNOWN_REGION = {"lung_roi": "none"}, {"lung_roi": "unknown"}
+
+
+def cut_to_lungs(region: Mapping[str, Any]) -> bool:
+    """Whether ``region`` (a model's ``describe()``, a DataModule's ``lung_region``) means images cut to the lungs."""
+    return region.get("lung_roi", "none") not in ("none", "unknown")
+
+
 #: A mask covering less than this share of the image means "no lungs found": the image is used unchanged.
 MIN_LUNG_FRACTION = 0.01
 MAX_FALLBACK_WARNINGS = 5

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 from typing_extensions import Self
 
+from covid_lightning.data.roi import UNKNOWN_REGION, WHOLE_FILM, cut_to_lungs
 from covid_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ MODEL_CLASS_KEY = "covid_lightning_model"
 
 #: checkpoint key of the lung region a model was trained on (:attr:`XRayDataModule.lung_region`)
 LUNG_REGION_KEY = "covid_lightning_lung_region"
-WHOLE_FILM = {"lung_roi": "none"}
 
 #: Hyper-parameters that only matter when a model is first built (weights come from the checkpoint after).
 _BUILD_ONLY = {"pretrained": False, "pretrained_file": None, "encoder_weights": None, "encoder_weights_file": None}
@@ -125,7 +125,7 @@ class XRayModule(L.LightningModule):
         """Refuse data cut to another lung region than the model was trained on (runs after a checkpoint loads)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
         region = getattr(dm, "lung_region", None)
-        if region is not None and self.lung_region["lung_roi"] != "unknown" and region != self.lung_region:
+        if region is not None and self.lung_region != UNKNOWN_REGION and region != self.lung_region:
             raise InputMismatchError(
                 f"This model was trained on {_region_text(self.lung_region)}; the data gives it "
                 f"{_region_text(region)}. Set data.lung_segmenter (or data.lung_masks), data.lung_roi and "
@@ -333,10 +333,10 @@ class XRayModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written before the region was recorded: unknown, not checked (they behave as they did)
-        self.lung_region = dict(checkpoint.get(LUNG_REGION_KEY, {"lung_roi": "unknown"}))
+        self.lung_region = dict(checkpoint.get(LUNG_REGION_KEY, UNKNOWN_REGION))
 
 
 def _region_text(region: dict[str, Any]) -> str:
-    if region.get("lung_roi", "none") == "none":
+    if not cut_to_lungs(region):
         return "whole films"
     return f"lung regions (lung_roi {region['lung_roi']}, lung_margin {region.get('lung_margin')})"
