@@ -8,8 +8,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from covid_lightning.modules.classifier import XRayClassifier
+from covid_lightning.modules.segmenter import LungSegmenter
 
 #: panel title -> (train column, val column), per run kind
 PANELS: dict[str, dict[str, tuple[str, str]]] = {
@@ -20,8 +24,6 @@ PANELS: dict[str, dict[str, tuple[str, str]]] = {
         "Dice": ("train/dice", "val/dice"),
     },
 }
-#: the metric that picks the best epoch (what the modules monitor, both maximised)
-MONITORS = {"classification": "val/acc", "segmentation": "val/dice"}
 
 
 def find_metrics_csv(path: str | Path) -> Path:
@@ -62,8 +64,20 @@ def best_epoch(epochs: Mapping[int, Mapping[str, float]], monitor: str, mode: st
     return max(candidates, key=lambda ev: (sign * ev[1], -ev[0]))[0] if candidates else None
 
 
+def run_monitor(csv_path: Path, kind: str) -> tuple[str, str]:
+    """The ``(monitor, mode)`` that picked the run's best checkpoint: its ``config.yaml``'s ``checkpoint`` when set,
+    else the module's own (``monitor``/``monitor_mode`` of the LightningModule class)."""
+    module = LungSegmenter if kind == "segmentation" else XRayClassifier
+    config_path = csv_path.with_name("config.yaml")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    checkpoint = (config or {}).get("checkpoint") or {}
+    if checkpoint.get("monitor"):
+        return checkpoint["monitor"], checkpoint.get("mode") or "min"  # RunCheckpoint's (Lightning's) default
+    return module.monitor, module.monitor_mode
+
+
 def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path:
-    """Train vs val per epoch: loss + accuracy, or loss + IoU + Dice; the best epoch marked.
+    """Train vs val per epoch: loss + accuracy, or loss + IoU + Dice; the epoch the run's checkpoint kept marked.
 
     Args:
         metrics_csv: a CSVLogger ``metrics.csv``, a run folder, or a folder of runs (the newest run).
@@ -76,7 +90,8 @@ def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path:
     panels = {title: cols for title, cols in PANELS[kind].items() if set(cols) & present}
     if not panels:
         raise ValueError(f"{csv_path} has no per-epoch train/val metrics to plot (columns: {sorted(present)}).")
-    best = best_epoch(epochs, MONITORS[kind])
+    monitor, mode = run_monitor(csv_path, kind)
+    best = best_epoch(epochs, monitor, mode)
     fig = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
     for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
         for key, label, style in zip(keys, ("train", "val"), ("o-", "s-")):
@@ -84,7 +99,7 @@ def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path:
             if xs:
                 ax.plot(xs, [epochs[e][key] for e in xs], style, label=label, markersize=4)
         if best is not None:
-            ax.axvline(best, color="0.6", linestyle=":", label=f"best epoch ({MONITORS[kind]})")
+            ax.axvline(best, color="0.6", linestyle=":", label=f"best epoch ({monitor})")
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend()

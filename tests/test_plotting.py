@@ -9,8 +9,15 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from covid_lightning import RadiographyDataModule, XRayClassifier
-from covid_lightning.plotting import best_epoch, find_metrics_csv, plot_curves, read_epoch_metrics, run_kind
+from covid_lightning import LungSegmenter, RadiographyDataModule, XRayClassifier
+from covid_lightning.plotting import (
+    best_epoch,
+    find_metrics_csv,
+    plot_curves,
+    read_epoch_metrics,
+    run_kind,
+    run_monitor,
+)
 from tests.helpers.scripts import load_script
 
 
@@ -91,3 +98,15 @@ def test_script(classifier_run: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert load_script("plot_curves").main([str(classifier_run / "metrics.csv"), "--out", str(tmp_path / "x.png")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "x.png")
     _png_size(tmp_path / "x.png")
+
+
+def test_run_monitor_is_the_runs_own_checkpoint_choice(tmp_path: Path):
+    csv_path = tmp_path / "metrics.csv"
+    assert run_monitor(csv_path, "segmentation") == (LungSegmenter.monitor, LungSegmenter.monitor_mode)
+    assert run_monitor(csv_path, "classification") == (XRayClassifier.monitor, XRayClassifier.monitor_mode)
+    (tmp_path / "config.yaml").write_text("checkpoint:\n  monitor: null\n  mode: null\n")
+    assert run_monitor(csv_path, "classification") == ("val/acc", "max")  # what the CLI writes by default
+    (tmp_path / "config.yaml").write_text("checkpoint:\n  monitor: val/loss\n  mode: min\n")
+    assert run_monitor(csv_path, "classification") == ("val/loss", "min")
+    (tmp_path / "config.yaml").write_text("checkpoint:\n  monitor: val/balanced_acc\n")
+    assert run_monitor(csv_path, "classification") == ("val/balanced_acc", "min")  # ModelCheckpoint's default mode
