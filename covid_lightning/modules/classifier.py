@@ -21,6 +21,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 from torchmetrics.wrappers import ClasswiseWrapper
+from torchvision.transforms import v2
 
 from covid_lightning.constants import CLASSES
 from covid_lightning.data.transforms import Intensity
@@ -61,6 +62,8 @@ class XRayClassifier(XRayModule):
         class_prior: train class frequencies; when given the training loss is logit-adjusted (``CE(logits + log
             prior)``, Menon et al. 2021) and predictions use the raw logits. Linked from ``data.class_prior``.
         label_smoothing: cross-entropy label smoothing.
+        mixup_alpha: MixUp of the training inputs (Zhang et al. 2018; torchvision's ``v2.MixUp``, Beta(alpha, alpha)),
+            of the cached frozen-prefix activations under FrozenFeatureCache (manifold MixUp); 0: off.
         calibrate: fit a softmax temperature on the validation NLL each epoch (Guo et al., 2017); argmax unchanged.
         backbone_lr_factor: the trainable backbone layers get ``lr * backbone_lr_factor``.
         optimizer: optimizer factory (default Adam, lr 1e-3, as the lab).
@@ -91,6 +94,7 @@ class XRayClassifier(XRayModule):
         class_weights: Sequence[float] | None = None,
         class_prior: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
         calibrate: bool = True,
         backbone_lr_factor: float = 1.0,
         optimizer: OptimizerCallable | None = None,
@@ -138,6 +142,9 @@ class XRayClassifier(XRayModule):
         offset = None if class_prior is None else torch.as_tensor(list(class_prior), dtype=torch.float32).log()
         self.register_buffer("prior_offset", offset, persistent=False)
         self.label_smoothing = label_smoothing
+        if mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0: off), not {mixup_alpha}.")
+        self.mixup = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes) if mixup_alpha > 0 else None
         self.register_buffer("temperature", torch.ones(()), persistent=False)  # in the checkpoint's own key
         self.val_logits, self.val_labels = CatMetric(), CatMetric()  # synchronised across ranks
 
@@ -202,15 +209,20 @@ class XRayClassifier(XRayModule):
         return self.net(self.to_input(images))
 
     def shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
-        labels = batch["label"]
+        labels = target = batch["label"]
         if "features" in batch:  # cached activations of the frozen prefix (FrozenFeatureCache)
-            logits = self.net.forward_suffix(self.to_input(batch["features"].float())).float()
+            inputs, network = batch["features"].float(), self.net.forward_suffix
         else:
-            logits = self(batch["image"]).float()
+            inputs, network = batch["image"], self.net
+        if stage == "train" and self.mixup is not None:
+            inputs = inputs.float() / 255 if inputs.dtype == torch.uint8 else inputs  # the net takes [0, 1] floats
+            inputs, target = self.mixup(inputs, labels)  # soft targets: each image's share of both labels
+            labels = target.argmax(dim=1)  # the training metrics score the larger share
+        logits = network(self.to_input(inputs)).float()
         weight = self.class_weight if stage == "train" else None
         smoothing = self.label_smoothing if stage == "train" else 0.0
         adjusted = logits + self.prior_offset if stage == "train" and self.prior_offset is not None else logits
-        loss = F.cross_entropy(adjusted, labels, weight=weight, label_smoothing=smoothing)
+        loss = F.cross_entropy(adjusted, target, weight=weight, label_smoothing=smoothing)
         self._check_finite(loss, stage)
         probs = self.probabilities(logits)
         self.stage_metrics(stage).update(probs, labels)

@@ -285,3 +285,53 @@ def test_the_intensity_choices_are_the_transforms_steps():
     assert set(get_args(Intensity)) == set(INTENSITY)
     for cls in (XRayClassifier, LungSegmenter, XRayDataModule):
         assert get_type_hints(cls.__init__)["intensity"] == Intensity, cls
+
+
+def test_mixup_trains_on_mixed_inputs_and_soft_targets(demo_root: Path, tmp_path: Path, monkeypatch):
+    """``mixup_alpha``: the training loss takes soft targets (each image's share of two labels) and the training
+    metrics the larger share; validation is untouched. Both paths fit: images and cached features (manifold)."""
+    import covid_lightning.modules.classifier as module
+    from covid_lightning.callbacks import FrozenFeatureCache
+
+    model = XRayClassifier(pretrained=False, image_size=64, mixup_alpha=0.4).eval()
+    batch = {
+        "image": torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8),
+        "label": torch.tensor([0, 1, 2, 3, 3, 0]),
+    }
+    targets, scored = [], []
+    real_loss, real_metrics = module.F.cross_entropy, model.stage_metrics
+
+    def loss(logits, target, **kw):
+        targets.append(target)
+        return real_loss(logits, target, **kw)
+
+    class Recorder:
+        def __init__(self, stage):
+            self.stage = stage
+
+        def update(self, probs, labels):
+            scored.append(labels)
+            real_metrics(self.stage).update(probs, labels)
+
+    monkeypatch.setattr(module.F, "cross_entropy", loss)
+    monkeypatch.setattr(model, "stage_metrics", Recorder)
+    model._log_loss = lambda *a, **kw: None
+    with torch.no_grad():
+        model.shared_step(batch, "train")
+        model.shared_step(batch, "val")
+    soft, hard = targets
+    assert soft.shape == (6, 4) and soft.dtype.is_floating_point
+    torch.testing.assert_close(soft.sum(1), torch.ones(6))
+    assert soft.max(1).values.lt(1).any(), "no image was mixed"
+    assert (soft > 0).sum(1).le(2).all()  # two images per mix
+    assert torch.equal(scored[0], soft.argmax(1)) and torch.equal(scored[1], batch["label"])
+    assert torch.equal(hard, batch["label"])  # validation: the plain labels
+    with pytest.raises(ValueError, match="mixup_alpha must be >= 0"):
+        XRayClassifier(pretrained=False, mixup_alpha=-1)
+    monkeypatch.undo()
+    for name, callbacks in (("images", []), ("features", [FrozenFeatureCache()])):
+        model = XRayClassifier(pretrained=False, image_size=64, trainable="last_conv", mixup_alpha=0.4)
+        trainer = _trainer(tmp_path / name, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+                           callbacks=callbacks, enable_checkpointing=False)  # fmt: skip
+        trainer.fit(model, _dm(demo_root))
+        assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"]), name
