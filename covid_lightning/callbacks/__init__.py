@@ -1,5 +1,6 @@
-"""Callbacks: frozen-feature cache, staged unfreezing, overlay grids, evaluation reports, prediction writing."""
+"""Callbacks: weight EMA, frozen-feature cache, staged unfreezing, overlays, evaluation reports, prediction writing."""
 
+from covid_lightning.callbacks.averaging import EMAWeights
 from covid_lightning.callbacks.checkpoint import RunCheckpoint
 from covid_lightning.callbacks.feature_cache import FrozenFeatureCache
 from covid_lightning.callbacks.finetuning import StagedUnfreeze
@@ -8,6 +9,7 @@ from covid_lightning.callbacks.prediction_writer import PredictionWriter
 from covid_lightning.callbacks.reports import EvaluationReport
 
 __all__ = [
+    "EMAWeights",
     "EvaluationReport",
     "FrozenFeatureCache",
     "PredictionWriter",
