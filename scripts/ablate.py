@@ -98,9 +98,14 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "row"
 
 
+def row_args(config: str | Path | None, row: Row, common: Sequence[str]) -> list[str]:
+    """The CLI arguments that make a row: its config (or the table's), the options common to every run, its own."""
+    return ["--config", str(row.config or config), *common, *row.args]
+
+
 def run_once(config: str | None, row: Row, seed: int, out: Path, common: Sequence[str]) -> tuple[Run, Any]:
     """Fit one row with one seed (then test its best checkpoint); returns the run and the CLI that made it."""
-    args = ["--config", row.config or config, *common, *row.args, "--seed_everything", str(seed)]
+    args = [*row_args(config, row, common), "--seed_everything", str(seed)]
     args += ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out)]
     args += ["--trainer.logger.name", _slug(row.name), "--trainer.logger.version", f"seed{seed}"]
     with warnings.catch_warnings():  # "args and sys.argv both given": sys.argv are this script's own options

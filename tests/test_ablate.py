@@ -90,7 +90,8 @@ def test_every_shipped_row_parses_through_the_real_cli(name: str, demo_root: Pat
     config = ROWS_CONFIG.get(name, "configs/classification/recipe_cpu.yaml")
     offline = ["--model.pretrained", "false"] if "classification" in config else []
     for row in ablate.load_rows(REPO / "scripts" / "ablations" / f"{name}.yaml"):
-        args = ["--config", str(REPO / (row.config or config)), "--data.root", str(demo_root), *offline, *row.args]
+        row.config = row.config and str(REPO / row.config)
+        args = ablate.row_args(REPO / config, row, ["--data.root", str(demo_root), *offline])
         try:
             cli = build_cli(args, run=False)
         except SystemExit as exit_:
