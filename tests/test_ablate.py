@@ -85,12 +85,24 @@ ROWS_CONFIG = {
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "scripts" / "ablations").glob("*.yaml")))
-def test_every_shipped_row_parses_through_the_real_cli(name: str, demo_root: Path):
-    """A row's overrides reach the CLI unchanged: an unknown or mistyped option fails here, not an hour into a run."""
+def test_every_shipped_row_parses_through_the_real_cli(name: str, demo_root: Path, tmp_path: Path):
+    """A row's overrides reach the CLI unchanged: an unknown or mistyped option fails here, not an hour into a run.
+
+    A row with its own ``--data.root`` (a manifest a script writes, e.g. ``runs/manifests/source_heldout.csv``) gets
+    a manifest of the demo images in the same form: the CLI reads the data when it links class weights."""
     config = ROWS_CONFIG.get(name, "configs/classification/recipe_cpu.yaml")
     offline = ["--model.pretrained", "false"] if "classification" in config else []
+    images = sorted(demo_root.glob("**/images/*.png"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "path,label,split\n"
+        + "".join(
+            f"{p},{p.parent.parent.name},{('train', 'train', 'val', 'test')[i % 4]}\n" for i, p in enumerate(images)
+        )
+    )
     for row in ablate.load_rows(REPO / "scripts" / "ablations" / f"{name}.yaml"):
         row.config = row.config and str(REPO / row.config)
+        row.args = [str(manifest) if before == "--data.root" else a for before, a in zip(["", *row.args], row.args)]
         args = ablate.row_args(REPO / config, row, ["--data.root", str(demo_root), *offline])
         try:
             cli = build_cli(args, run=False)
