@@ -15,6 +15,11 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """``uint8`` images (0..255) as floats in [0, 1]; floats as given: what the network takes."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
 class Normalize(nn.Module):
     """``uint8`` images (0..255) or floats in [0, 1] -> ``(x / 255 - mean) / std`` by :data:`NORMALIZATIONS` name."""
 
@@ -28,9 +33,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        return (x - self.mean) / self.std
+        return (to_unit(x) - self.mean) / self.std
 
     def extra_repr(self) -> str:
         return f"{self.name}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"

@@ -27,6 +27,7 @@ from covid_lightning.constants import CLASSES
 from covid_lightning.data.transforms import Intensity
 from covid_lightning.errors import UserError
 from covid_lightning.models.classifier import REGIMES, XRayNet
+from covid_lightning.models.preprocess import to_unit
 from covid_lightning.modules.base import XRayModule
 from covid_lightning.modules.metrics import PairAccuracy, fit_temperature
 
@@ -215,8 +216,7 @@ class XRayClassifier(XRayModule):
         else:
             inputs, network = batch["image"], self.net
         if stage == "train" and self.mixup is not None:
-            inputs = inputs.float() / 255 if inputs.dtype == torch.uint8 else inputs  # the net takes [0, 1] floats
-            inputs, target = self.mixup(inputs, labels)  # soft targets: each image's share of both labels
+            inputs, target = self.mixup(to_unit(inputs), labels)  # soft targets: each image's share of both labels
             labels = target.argmax(dim=1)  # the training metrics score the larger share
         logits = network(self.to_input(inputs)).float()
         weight = self.class_weight if stage == "train" else None
